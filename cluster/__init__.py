@@ -1,0 +1,1 @@
+"""Cluster: connecting to Ray clusters and the files to stand one up."""

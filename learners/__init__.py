@@ -1,0 +1,39 @@
+"""Continual learners in plain PyTorch: the Learner contract, backbones and one file per method.
+
+Importing this package registers every method module in it (``learners/<method>.py`` files
+that use ``@register``), so adding a method is adding a file.
+"""
+
+import importlib
+import pkgutil
+
+from learners.backbones import ModelConfig
+from learners.base import (
+    LEARNERS,
+    Learner,
+    TrainConfig,
+    TrainingStopped,
+    build_learner,
+    learner_class,
+    register,
+)
+from learners.hparams import ConfigError, hp
+
+_NOT_METHODS = {"base", "backbones", "hparams", "metrics", "evaluation"}
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _NOT_METHODS and not _module.name.startswith("_"):
+        importlib.import_module(f"learners.{_module.name}")
+
+__all__ = [
+    "LEARNERS",
+    "ConfigError",
+    "Learner",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainingStopped",
+    "build_learner",
+    "hp",
+    "learner_class",
+    "register",
+]

@@ -1,0 +1,287 @@
+"""The Learner contract, its one training loop, the training config and the registry.
+
+A method subclasses :class:`Learner` and overrides only the steps it changes:
+
+- ``training_data(task)``   what the task's batches are drawn from (joint: all data so far)
+- ``augment_batch(x, y, t)`` what is added to each batch (replay: buffer samples)
+- ``loss(x, y, t)``          the objective (EWC: cross-entropy + penalty)
+- ``after_backward(...)``    gradient surgery between backward() and step() (GEM)
+- ``after_step(x, y, t)``    bookkeeping on the incoming batch (replay: reservoir insert)
+- ``before_task`` / ``after_task``  per-task work (EWC: Fisher estimate)
+- ``method_state`` / ``load_method_state``  everything extra needed to resume
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from learners.backbones import ModelConfig, build_backbone, count_parameters
+from learners.hparams import ConfigError, as_dict, build_dataclass, hp
+from task_streams.base import StreamInfo, Task
+
+OPTIMIZERS = ("sgd", "adam")
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """How every learner trains on a task."""
+
+    epochs: int = hp(1, help="passes over each task's training data", low=1)
+    batch_size: int = hp(10, help="samples per gradient step from the current task", low=1)
+    optimizer: str = hp("sgd", help="optimizer", choices=OPTIMIZERS)
+    lr: float = hp(0.1, help="learning rate", low=0.0, search=(1e-4, 0.5), log=True)
+    momentum: float = hp(0.0, help="SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = hp(0.0, help="L2 weight decay", low=0.0)
+    reset_optimizer: bool = hp(False, help="rebuild the optimizer (fresh state) at each task")
+    eval_batch_size: int = hp(2048, help="samples per forward pass when evaluating", low=1)
+
+
+class TrainingStopped(RuntimeError):
+    """learn() was asked to stop between batches; the task was not finished."""
+
+
+@dataclass
+class NoHParams:
+    """Hyperparameters of a method that has none of its own."""
+
+
+LEARNERS: dict[str, type[Learner]] = {}
+
+
+def register(name: str) -> Callable[[type[Learner]], type[Learner]]:
+    """Class decorator: make a Learner subclass available under ``name``."""
+
+    def decorate(cls: type[Learner]) -> type[Learner]:
+        if name in LEARNERS and LEARNERS[name] is not cls:
+            raise ValueError(f"learner name {name!r} is already registered")
+        cls.name = name
+        LEARNERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def learner_class(name: str) -> type[Learner]:
+    """The registered Learner class called ``name``; ConfigError listing valid names if unknown."""
+    if name not in LEARNERS:
+        raise ConfigError(
+            f"unknown method {name!r}; accepted methods: {', '.join(sorted(LEARNERS))}"
+        )
+    return LEARNERS[name]
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+class Learner:
+    """A continual learner: sees tasks one at a time, predicts on any task seen or not."""
+
+    name: ClassVar[str] = "learner"
+    HParams: ClassVar[type] = NoHParams
+
+    def __init__(
+        self,
+        info: StreamInfo,
+        hparams: Any = None,
+        model: ModelConfig | None = None,
+        train: TrainConfig | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ):
+        if hparams is None or isinstance(hparams, dict):
+            hparams = build_dataclass(self.HParams, hparams, prefix=f"methods.{self.name}.")
+        self.info = info
+        self.hparams = hparams
+        self.model_config = model or ModelConfig()
+        self.train_config = train or TrainConfig()
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        random.seed(self.seed)
+        self.model = build_backbone(self.model_config, info).to(self.device)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.class_mask = info.class_mask().to(self.device) if info.scenario == "task" else None
+        self.optimizer = self.make_optimizer()
+        self.tasks_learned = 0
+
+    # ----------------------------------------------------------------- building blocks
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer over the model's current parameters."""
+        cfg = self.train_config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def logits(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Network outputs; in task-incremental streams, units outside each sample's task are -inf."""
+        out = self.model(x)
+        if self.class_mask is not None and task_ids is not None:
+            out = out.masked_fill(~self.class_mask[task_ids], float("-inf"))
+        return out
+
+    # ----------------------------------------------------------------- overridable steps
+    def before_task(self, task: Task) -> None:
+        """Called once before training on ``task``."""
+
+    def training_data(self, task: Task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, task ids) the task's batches are drawn from."""
+        task_ids = torch.full_like(task.y_train, task.id)
+        return task.x_train, task.y_train, task_ids
+
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
+        """Extend a batch of the current task (replay adds stored samples)."""
+        return x, y, t
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The training objective for one batch."""
+        return F.cross_entropy(self.logits(x, t), y)
+
+    def after_backward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        """Between backward() and optimizer.step(): gradient surgery goes here."""
+
+    def after_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        """After each step, with the incoming (un-augmented) batch."""
+
+    def after_task(self, task: Task) -> None:
+        """Called once after training on ``task``."""
+
+    def method_state(self) -> dict[str, Any]:
+        """Method-specific state needed to resume (tensors, numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`method_state` returned."""
+
+    def stored_memory(self) -> dict[str, int]:
+        """What the method keeps besides the model: samples and bytes."""
+        return {"stored_samples": 0, "stored_bytes": 0}
+
+    # ----------------------------------------------------------------- the loop
+    def learn(self, task: Task, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Train on one task; checks ``should_stop`` between batches (raises TrainingStopped)."""
+        cfg = self.train_config
+        if cfg.reset_optimizer and self.tasks_learned > 0:
+            self.optimizer = self.make_optimizer()
+        self.model.train()
+        self.before_task(task)
+        x_all, y_all, t_all = self.training_data(task)
+        n = int(y_all.shape[0])
+        steps = 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=self.generator).to(x_all.device)
+            for start in range(0, n, cfg.batch_size):
+                if should_stop is not None and should_stop():
+                    raise TrainingStopped(f"stopped during task {task.name!r} after {steps} steps")
+                idx = order[start : start + cfg.batch_size]
+                x, y, t = x_all[idx], y_all[idx], t_all[idx]
+                xb, yb, tb = self.augment_batch(x, y, t)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loss(xb, yb, tb).backward()
+                self.after_backward(xb, yb, tb)
+                self.optimizer.step()
+                self.after_step(x, y, t)
+                steps += 1
+        self.model.eval()
+        self.after_task(task)
+        self.tasks_learned += 1
+        return {"steps": steps, "train_samples": n}
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
+        """Predicted class labels for ``x``; task-incremental streams need ``task_id``."""
+        if self.class_mask is not None and task_id is None:
+            raise ValueError("this is a task-incremental stream: predict() needs task_id")
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        bs = self.train_config.eval_batch_size
+        for start in range(0, x.shape[0], bs):
+            chunk = x[start : start + bs]
+            t = None
+            if task_id is not None and self.class_mask is not None:
+                t = torch.full((chunk.shape[0],), task_id, dtype=torch.long, device=chunk.device)
+            out.append(self.logits(chunk, t).argmax(dim=1))
+        self.model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+    # ----------------------------------------------------------------- resources
+    def resources(self) -> dict[str, int]:
+        """Model size and stored memory, counted."""
+        n_params, n_bytes = count_parameters(self.model)
+        return {"model_parameters": n_params, "model_bytes": n_bytes, **self.stored_memory()}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last learned task; loads with weights_only."""
+        return {
+            "format": STATE_FORMAT,
+            "learner": self.name,
+            "hparams": as_dict(self.hparams),
+            "architecture": {"model": as_dict(self.model_config)},
+            "tasks_learned": self.tasks_learned,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": _rng_state(),
+            "method": self.method_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict` of the same method."""
+        if state.get("learner") != self.name:
+            raise ValueError(f"state is for learner {state.get('learner')!r}, not {self.name!r}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state format {state.get('format')} is not {STATE_FORMAT}")
+        self.load_method_state(state["method"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer = self.make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        _set_rng_state(state["rng"])
+        self.tasks_learned = int(state["tasks_learned"])
+
+
+def build_learner(
+    name: str,
+    info: StreamInfo,
+    hparams: dict[str, Any] | Any = None,
+    model: ModelConfig | None = None,
+    train: TrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Learner:
+    """Instantiate the learner registered as ``name`` (hyperparameters validated)."""
+    cls = learner_class(name)
+    if hparams is None or isinstance(hparams, dict):
+        hparams = build_dataclass(cls.HParams, hparams, prefix=f"methods.{name}.")
+    return cls(info, hparams, model=model, train=train, device=device, seed=seed)

@@ -1,0 +1,89 @@
+"""Running a learner over a stream: one R row per finished task, with timings and resources."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from learners.base import Learner
+from learners.metrics import RMatrix
+from task_streams.base import TaskStream
+
+
+@torch.no_grad()
+def evaluate(learner: Learner, stream: TaskStream) -> list[float]:
+    """Test accuracy of ``learner`` on every task of ``stream`` (one R row)."""
+    row = []
+    for task in stream:
+        predicted = learner.predict(task.x_test, task_id=task.id)
+        row.append(float((predicted == task.y_test).float().mean().item()))
+    return row
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory so far.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def iter_stream(
+    learner: Learner,
+    stream: TaskStream,
+    should_stop: Callable[[], bool] | None = None,
+    start_task: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Learn ``stream`` task by task, yielding plain-Python events.
+
+    First ``{"kind": "init", "row": [...]}`` (accuracy before learning anything; skipped when
+    resuming at ``start_task`` > 0), then per task ``{"kind": "task", "task": i, "row": [...],
+    "train_time_s", "eval_time_s", "steps", "peak_memory_bytes", model size, stored memory}``.
+    """
+    if start_task == 0:
+        started = time.perf_counter()
+        row = evaluate(learner, stream)
+        yield {"kind": "init", "row": row, "eval_time_s": time.perf_counter() - started}
+    for task in stream.tasks[start_task:]:
+        if learner.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(learner.device)
+        started = time.perf_counter()
+        stats = learner.learn(task, should_stop=should_stop)
+        if learner.device.type == "cuda":
+            torch.cuda.synchronize(learner.device)
+        trained = time.perf_counter()
+        row = evaluate(learner, stream)
+        evaluated = time.perf_counter()
+        yield {
+            "kind": "task",
+            "task": task.id,
+            "row": row,
+            "train_time_s": trained - started,
+            "eval_time_s": evaluated - trained,
+            "steps": stats["steps"],
+            "peak_memory_bytes": _peak_memory_bytes(learner.device),
+            **learner.resources(),
+        }
+
+
+def run_stream(
+    learner: Learner,
+    stream: TaskStream,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> RMatrix:
+    """Learn the whole stream and return its R matrix (the notebook-friendly entry point)."""
+    names = [t.name for t in stream]
+    r: RMatrix | None = None
+    for event in iter_stream(learner, stream):
+        if event["kind"] == "init":
+            r = RMatrix(names, event["row"])
+        else:
+            assert r is not None
+            r.append(event["row"])
+        if on_event is not None:
+            on_event(event)
+    assert r is not None
+    return r

@@ -1,0 +1,187 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., 2017, "Overcoming catastrophic forgetting").
+
+After each task t the diagonal Fisher information F_t and the weights θ*_t are stored. Later
+tasks minimise
+
+    L(θ) = CE(θ) + (λ / 2) · Σ_t Σ_i F_t,i · (θ_i − θ*_t,i)²
+
+with one (F_t, θ*_t) pair per learned task (the original formulation, not online EWC).
+
+Normalisation, on which the scale of λ (``ewc_lambda``) depends: F_t,i is the MEAN over the
+Fisher samples of the squared per-sample gradient of the negative log-likelihood
+−log softmax(f_θ(x))_y (task-incremental streams: softmax over the task's own output units
+only). It is not summed over samples and not multiplied by the dataset size, so λ plays the
+role of "number of samples the old task is worth"; papers report useful λ from 1 to 1e4.
+``fisher_type="empirical"`` uses the true labels y; ``"true"`` samples y from the model's own
+predictive distribution (the Fisher proper), with the learner's generator.
+
+Per-sample gradients are computed in chunks with torch.func (vmap of grad of a functional
+call), not with a Python loop over samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from learners.base import Learner, register
+from learners.hparams import hp
+from task_streams.base import Task
+
+FISHER_TYPES = ("empirical", "true")
+FISHER_CHUNK = 256  # samples per vmap call: bounds the (chunk, num_parameters) gradient memory
+
+
+@dataclass
+class EWCHParams:
+    """Hyperparameters of EWC."""
+
+    ewc_lambda: float = hp(
+        100.0,
+        help="penalty strength λ in (λ/2)·Σ F·(θ−θ*)², F the mean squared per-sample gradient",
+        low=0.0,
+        search=(1e-1, 1e5),
+        log=True,
+    )
+    fisher_samples: int = hp(
+        1024, help="training samples of each task used for its Fisher; 0 = all of them", low=0
+    )
+    fisher_type: str = hp(
+        "empirical",
+        help="empirical: gradients at the true labels; true: at labels sampled from the model",
+        choices=FISHER_TYPES,
+    )
+
+
+@register("ewc")
+class EWC(Learner):
+    """Cross-entropy plus a quadratic pull towards each old task's weights, weighted by Fisher."""
+
+    HParams = EWCHParams
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fishers: list[dict[str, torch.Tensor]] = []
+        self.anchors: list[dict[str, torch.Tensor]] = []
+        # the penalty re-expanded around the last anchor (see _consolidate); derived, not state
+        self._anchor: torch.Tensor | None = None
+        self._fisher_sum: torch.Tensor | None = None
+        self._linear: torch.Tensor | None = None
+        self._constant: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ parameters
+    def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n, _ in self._named_trainable()])
+
+    def _consolidate(self) -> None:
+        """Precompute the penalty as a quadratic around the last anchor θ*_L.
+
+        With δ = θ − θ*_L and c_t = θ*_L − θ*_t (Eq. 3 of the paper, summed over tasks):
+        Σ_t F_t (θ − θ*_t)² = Σ_i [F̄_i δ_i² + 2 G_i δ_i] + K, where F̄ = Σ_t F_t,
+        G = Σ_t F_t c_t and K = Σ_t Σ_i F_t,i c_t,i². Per-step cost no longer grows with the
+        number of tasks, and the value at θ*_L is K exactly (0 after the first task).
+        """
+        if not self.fishers:
+            self._anchor = self._fisher_sum = self._linear = self._constant = None
+            return
+        fishers = torch.stack([self._flat(f) for f in self.fishers])
+        offsets = self._flat(self.anchors[-1]).unsqueeze(0) - torch.stack(
+            [self._flat(a) for a in self.anchors]
+        )
+        self._anchor = self._flat(self.anchors[-1])
+        self._fisher_sum = fishers.sum(0)
+        self._linear = 2 * (fishers * offsets).sum(0)
+        self._constant = (fishers * offsets.pow(2)).sum()
+
+    # ------------------------------------------------------------------ Fisher
+    def fisher(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher: mean over samples of the squared per-sample NLL gradient."""
+        named = self._named_trainable()
+        params = {n: p.detach() for n, p in named}
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        model = self.model
+
+        def nll(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor,
+                mi: torch.Tensor | None) -> torch.Tensor:
+            out = functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
+            if mi is not None:  # the same masking as Learner.logits
+                out = out.masked_fill(~mi.unsqueeze(0), float("-inf"))
+            return F.cross_entropy(out, yi.unsqueeze(0))
+
+        masked = self.class_mask is not None
+        per_sample = vmap(grad(nll), in_dims=(None, 0, 0, 0 if masked else None))
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        n_samples = int(y.shape[0])
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, n_samples, FISHER_CHUNK):
+                xc, yc, tc = (v[start : start + FISHER_CHUNK] for v in (x, y, t))
+                if self.hparams.fisher_type == "true":
+                    yc = self._sample_labels(xc, tc)
+                mc = self.class_mask[tc] if masked else None
+                grads = per_sample(params, xc, yc, mc)
+                for n in total:
+                    total[n] += grads[n].pow(2).sum(0)
+        finally:
+            model.train(was_training)
+        return {n: v / max(n_samples - 1, 1) for n, v in total.items()}
+
+    @torch.no_grad()
+    def _sample_labels(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Labels drawn from the model's predictive distribution (with the learner's generator)."""
+        probs = torch.softmax(self.logits(x, t), dim=1).float().cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(x.device)
+
+    def after_task(self, task: Task) -> None:
+        """Store this task's Fisher and the weights it was learned at."""
+        x, y = task.x_train, task.y_train
+        t = torch.full_like(y, task.id)
+        k = self.hparams.fisher_samples
+        if 0 < k < y.shape[0]:
+            idx = torch.randperm(int(y.shape[0]), generator=self.generator)[:k].to(y.device)
+            x, y, t = x[idx], y[idx], t[idx]
+        self.fishers.append(self.fisher(x, y, t))
+        self.anchors.append({n: p.detach().clone() for n, p in self._named_trainable()})
+        self._consolidate()
+
+    # ------------------------------------------------------------------ objective
+    def penalty(self) -> torch.Tensor:
+        """(λ/2)·Σ_tasks Σ_i F_i·(θ_i − θ*_i)²; a differentiable scalar, 0 before any task."""
+        if self._anchor is None:
+            return torch.zeros((), device=self.device)
+        delta = torch.cat([p.reshape(-1) for _, p in self._named_trainable()]) - self._anchor
+        quadratic = ((self._fisher_sum * delta + self._linear) * delta).sum() + self._constant
+        return 0.5 * self.hparams.ewc_lambda * quadratic
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy plus the EWC penalty."""
+        ce = super().loss(x, y, t)
+        if self._anchor is None or self.hparams.ewc_lambda == 0:
+            return ce
+        return ce + self.penalty()
+
+    # ------------------------------------------------------------------ state
+    def method_state(self) -> dict[str, Any]:
+        """Per-task Fisher and anchor weights (lists of name → tensor dicts)."""
+        return {"fishers": self.fishers, "anchors": self.anchors}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore the per-task Fisher and anchor weights."""
+        self.fishers = [{n: v.to(self.device) for n, v in f.items()} for f in state["fishers"]]
+        self.anchors = [{n: v.to(self.device) for n, v in a.items()} for a in state["anchors"]]
+        self._consolidate()
+
+    def stored_memory(self) -> dict[str, int]:
+        """No samples; the Fisher and anchor tensors, in bytes."""
+        nbytes = sum(v.numel() * v.element_size() for d in self.fishers + self.anchors
+                     for v in d.values())
+        return {"stored_samples": 0, "stored_bytes": nbytes}

@@ -1,0 +1,108 @@
+"""Declaring hyperparameters once: defaults, accepted ranges and search spaces in a dataclass.
+
+A learner's hyperparameters are a dataclass whose fields are made with :func:`hp`. That single
+declaration drives config validation (type and range), CLI overrides (OmegaConf merges into
+the dataclass), documentation (``help``) and, later, Optuna search spaces (``search``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value was wrong; the message names the key and what is accepted."""
+
+
+def hp(
+    default: Any,
+    *,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    choices: Sequence[Any] | None = None,
+    search: tuple[float, float] | Sequence[Any] | None = None,
+    log: bool = False,
+) -> Any:
+    """A hyperparameter field: default, accepted range or choices, and an optional search space.
+
+    ``low``/``high`` bound the accepted values (inclusive); ``search`` is the sub-range (or list
+    of choices) a tuner should explore, sampled log-uniformly when ``log`` is true.
+    """
+    metadata = {"help": help, "low": low, "high": high, "choices": choices, "search": search,
+                "log": log}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def describe_range(f: dataclasses.Field) -> str:
+    """Human-readable description of what a field accepts."""
+    meta = f.metadata
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"a value in [{low}, {high}]"
+    if low is not None:
+        return f"a value >= {low}"
+    if high is not None:
+        return f"a value <= {high}"
+    return f"a value of type {getattr(f.type, '__name__', f.type)}"
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first field of dataclass ``obj`` outside its declared range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        key = f"{prefix}{f.name}"
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value!r} is not accepted; expected {describe_range(f)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key}=nan is not accepted; expected {describe_range(f)}")
+        low, high = meta.get("low"), meta.get("high")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{key}={value!r} is out of range; expected {describe_range(f)}")
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys, types and ranges.
+
+    Unknown keys, values of the wrong type and out-of-range values raise one ConfigError that
+    names the key (with ``prefix``) and what is accepted.
+    """
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            accepted = ", ".join(names) if names else "(none: this takes no settings)"
+            raise ConfigError(f"unknown key {prefix}{key}; accepted keys: {accepted}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        field = next((f for f in dataclasses.fields(cls) if f.name == str(key).split(".")[0]),
+                     None)
+        accepted = describe_range(field) if field is not None else ""
+        given = values.get(str(key).split(".")[0], "?")
+        raise ConfigError(
+            f"{prefix}{key}={given!r} has the wrong type; expected {accepted}"
+        ) from None
+    check_ranges(obj, prefix)
+    return obj
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict view of a hyperparameter dataclass (for logging and run keys)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,144 @@
+"""The accuracy matrix R and every transfer metric computed from it — in one place.
+
+Definitions (Lopez-Paz & Ranzato 2017), with T tasks, 0-based task indices,
+``R[i][j]`` = accuracy on task j after learning tasks 0..i and ``b[j]`` = accuracy of the
+untrained (random-init) model on task j:
+
+- ACC         = mean_j R[T-1][j]
+- BWT         = mean_{i<T-1} (R[T-1][i] - R[i][i])
+- FWT         = mean_{i>=1} (R[i-1][i] - b[i])
+- forgetting  = mean_{j<T-1} f_j,  f_j = max_{l<T-1} R[l][j] - R[T-1][j]  (Chaudhry et al. 2018)
+
+A metric that has no meaning for a stream is ``None`` with the reason in ``undefined``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLASS_IL_FWT_REASON = (
+    "FWT is undefined for class-incremental streams: a task's classes are never trained "
+    "before that task, so its accuracy before learning it is ~0 by construction"
+)
+ONE_TASK_REASON = "needs at least 2 tasks"
+
+
+@dataclass
+class RMatrix:
+    """Accuracy matrix of one run; rows are appended as tasks finish (possibly partial)."""
+
+    tasks: list[str]
+    random_init: list[float]
+    R: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = len(self.tasks)
+        if len(self.random_init) != t:
+            raise ValueError(f"random_init has {len(self.random_init)} entries, expected {t}")
+        if len(self.R) > t:
+            raise ValueError(f"R has {len(self.R)} rows, more than the {t} tasks")
+        for i, row in enumerate(self.R):
+            if len(row) != t:
+                raise ValueError(f"R row {i} has {len(row)} entries, expected {t}")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.R) == self.num_tasks
+
+    def append(self, row: list[float]) -> None:
+        """Add the row measured after learning the next task."""
+        if len(row) != self.num_tasks:
+            raise ValueError(f"row has {len(row)} entries, expected {self.num_tasks}")
+        if self.complete:
+            raise ValueError("R is already complete")
+        self.R.append([float(v) for v in row])
+
+    def avg_acc_seen(self, i: int) -> float:
+        """Mean accuracy over tasks 0..i after learning task i."""
+        return sum(self.R[i][: i + 1]) / (i + 1)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The ``r_matrix.json`` shape: {"tasks", "random_init", "R"}."""
+        return {"tasks": list(self.tasks), "random_init": list(self.random_init),
+                "R": [list(r) for r in self.R]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RMatrix:
+        missing = {"tasks", "random_init", "R"} - set(data)
+        if missing:
+            raise ValueError(f"r_matrix data lacks keys {sorted(missing)}")
+        return cls(list(data["tasks"]), [float(v) for v in data["random_init"]],
+                   [[float(v) for v in row] for row in data["R"]])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> RMatrix:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_csv(self) -> str:
+        """CSV with one row per state (random_init, after_<task>) and one column per task."""
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["after", *self.tasks])
+        writer.writerow(["random_init", *self.random_init])
+        for name, row in zip(self.tasks, self.R):
+            writer.writerow([f"after_{name}", *row])
+        return buf.getvalue()
+
+
+@dataclass
+class Metrics:
+    """Transfer metrics of one run; ``None`` where undefined, with the reason."""
+
+    acc: float
+    bwt: float | None
+    fwt: float | None
+    forgetting: float | None
+    forgetting_per_task: list[float]
+    undefined: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"ACC": self.acc, "BWT": self.bwt, "FWT": self.fwt,
+                "forgetting": self.forgetting}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compute_metrics(r: RMatrix, scenario: str) -> Metrics:
+    """ACC, BWT, FWT and forgetting of a complete R matrix (see the module docstring)."""
+    if not r.complete:
+        raise ValueError(f"R has {len(r.R)} of {r.num_tasks} rows; metrics need all of them")
+    t = r.num_tasks
+    R, b = r.R, r.random_init
+    last = R[t - 1]
+    undefined: dict[str, str] = {}
+    acc = _mean(last)
+    if t < 2:
+        for name in ("BWT", "FWT", "forgetting"):
+            undefined[name] = ONE_TASK_REASON
+        return Metrics(acc, None, None, None, [], undefined)
+    bwt = _mean([last[i] - R[i][i] for i in range(t - 1)])
+    forgetting_per_task = [max(R[l][j] for l in range(t - 1)) - last[j] for j in range(t - 1)]
+    if scenario == "class":
+        fwt = None
+        undefined["FWT"] = CLASS_IL_FWT_REASON
+    else:
+        fwt = _mean([R[i - 1][i] - b[i] for i in range(1, t)])
+    return Metrics(acc, bwt, fwt, _mean(forgetting_per_task), forgetting_per_task, undefined)

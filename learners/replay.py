@@ -1,0 +1,161 @@
+"""Experience replay (e.g. Chaudhry et al., 2019, "On tiny episodic memories in continual learning").
+
+Every incoming batch is extended with a uniform sample from a fixed-size memory, and then
+inserted into that memory by reservoir sampling (Vitter, 1985, Algorithm R), so the memory is at
+all times a uniform sample of everything seen, whatever the task boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from learners.base import Learner, register
+from learners.hparams import hp
+
+
+class ReservoirBuffer:
+    """A fixed-capacity uniform sample of a stream of (x, y, task id) items (Algorithm R)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        self.seen = 0
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.t: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def _allocate(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        cap = self.capacity
+        self.x = torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=y.device)
+        self.t = torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+            generator: torch.Generator) -> None:
+        """Offer a batch, item by item in order, to the reservoir.
+
+        Item number i of the stream (0-based) fills slot i while i < capacity; afterwards it
+        draws r uniform in [0, i] and replaces slot r if r < capacity. The draws do not depend
+        on the buffer's content, so a batch is processed at once: where several items of the
+        batch pick the same slot, the last one wins, exactly as one at a time.
+        """
+        b = int(y.shape[0])
+        if b == 0:
+            return
+        if self.capacity == 0:
+            self.seen += b
+            return
+        if self.x is None:
+            self._allocate(x, y, t)
+        index = torch.arange(self.seen, self.seen + b, dtype=torch.float64)
+        draw = torch.floor(torch.rand(b, generator=generator, dtype=torch.float64) * (index + 1))
+        slot = torch.where(index < self.capacity, index, draw).long()
+        self.seen += b
+        kept = torch.nonzero(slot < self.capacity).squeeze(1)
+        if kept.numel() == 0:
+            return
+        slot = slot[kept]
+        slots, inverse = torch.unique(slot, return_inverse=True)
+        if slots.numel() < slot.numel():  # collisions in this batch: keep each slot's last item
+            kept = torch.full_like(slots, -1).scatter_reduce_(0, inverse, kept, reduce="amax")
+        device = self.x.device
+        slots, kept = slots.to(device), kept.to(device)
+        self.x[slots] = x[kept]
+        self.y[slots] = y[kept]
+        self.t[slots] = t[kept]
+
+    def sample(self, n: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """min(n, len(self)) distinct stored items, uniformly without replacement."""
+        filled = len(self)
+        if filled == 0 or n <= 0:
+            raise ValueError("cannot sample from an empty buffer" if filled == 0
+                             else f"sample size must be positive, got {n}")
+        idx = torch.randperm(filled, generator=generator)[: min(n, filled)].to(self.x.device)
+        return self.x[idx], self.y[idx], self.t[idx]
+
+    def nbytes(self) -> int:
+        """Bytes taken by the stored items (inputs, labels and task ids)."""
+        if self.x is None:
+            return 0
+        per_item = sum(v[0].numel() * v.element_size() for v in (self.x, self.y, self.t))
+        return len(self) * per_item
+
+    def state_dict(self) -> dict[str, Any]:
+        """Capacity, items seen and the filled part of the storage."""
+        filled = len(self)
+        state: dict[str, Any] = {"capacity": self.capacity, "seen": self.seen}
+        if self.x is not None:
+            state.update(x=self.x[:filled].clone(), y=self.y[:filled].clone(),
+                         t=self.t[:filled].clone())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None
+                        ) -> None:
+        """Restore what :meth:`state_dict` returned (storage moved to ``device`` if given)."""
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"buffer state has capacity {state['capacity']}, "
+                             f"this buffer {self.capacity}")
+        self.seen = int(state["seen"])
+        self.x = self.y = self.t = None
+        if "x" in state:
+            x, y, t = (state[k] if device is None else state[k].to(device) for k in "xyt")
+            self._allocate(x, y, t)
+            filled = int(y.shape[0])
+            self.x[:filled], self.y[:filled], self.t[:filled] = x, y, t
+
+
+@dataclass
+class ReplayHParams:
+    """Hyperparameters of experience replay."""
+
+    buffer_size: int = hp(
+        500, help="samples the reservoir memory holds (0 = no replay)", low=0,
+        search=(50, 5000), log=True,
+    )
+    replay_batch_size: int = hp(
+        0, help="memory samples added to each batch; 0 = the training batch size", low=0
+    )
+
+
+@register("replay")
+class Replay(Learner):
+    """Each batch is joined by a uniform sample of a reservoir memory of all past batches."""
+
+    HParams = ReplayHParams
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer = ReservoirBuffer(self.hparams.buffer_size)
+
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch plus a memory sample, once the memory holds anything."""
+        if len(self.buffer) == 0:
+            return x, y, t
+        n = self.hparams.replay_batch_size or self.train_config.batch_size
+        mx, my, mt = self.buffer.sample(n, self.generator)
+        return torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
+
+    def after_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        """Offer the incoming batch to the reservoir."""
+        self.buffer.add(x, y, t, self.generator)
+
+    def method_state(self) -> dict[str, Any]:
+        """The reservoir memory."""
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore the reservoir memory."""
+        self.buffer.load_state_dict(state["buffer"], device=self.device)
+
+    def stored_memory(self) -> dict[str, int]:
+        """Samples in the memory and the bytes they take."""
+        return {"stored_samples": len(self.buffer), "stored_bytes": self.buffer.nbytes()}

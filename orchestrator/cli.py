@@ -1,0 +1,110 @@
+"""The ``lia`` command: ``lia run``, ``lia report``, ``lia methods``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from learners import LEARNERS, ConfigError
+from learners.hparams import describe_range
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.driver import execute, summary_table
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    config = load_config(args.config, overrides)
+    result = execute(config, progress=not args.no_progress, console=console)
+    if not result.summary.empty:
+        Console().print(summary_table(result.summary, f"{result.experiment}: mean ± std over "
+                                                      "seeds, accuracy in %"))
+    c = result.counts
+    console.print(f"runs: {c['done']} finished, {c['failed']} failed, {c['skipped']} skipped · "
+                  f"MLflow experiment {result.experiment!r} at {result.tracking_uri} "
+                  f"(parent run {result.parent_run_id})")
+    if result.tracking_uri.startswith("sqlite:"):
+        console.print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 1 if c["failed"] else 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.report import write_report
+
+    out = args.out or f"reports/{args.experiment}"
+    written = write_report(args.experiment, out, args.format or ["md"], args.tracking_uri)
+    if "md" in written:
+        Console().print(written["md"].read_text())
+    console.print(f"wrote {len(written)} files to {out}: "
+                  + ", ".join(p.name for p in written.values()))
+    return 0
+
+
+def _methods(args: argparse.Namespace, console: Console) -> int:
+    for name in sorted(LEARNERS):
+        cls = LEARNERS[name]
+        console.print(f"[bold]{name}[/] — {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls.HParams):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            console.print(f"    {f.name} = {default!r}  ({describe_range(f)}): "
+                          f"{f.metadata.get('help', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lia", description="LearnsItAll: continual-learning "
+                                     "experiments on Ray, tracked in MLflow")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment config")
+    run.add_argument("config", help="experiment YAML (see configs/)")
+    run.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. seeds=[0,1] "
+                     "train.lr=0.05 methods.ewc.ewc_lambda=1000")
+    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report = sub.add_parser("report", help="tables and plots of an MLflow experiment")
+    report.add_argument("experiment", help="MLflow experiment name")
+    report.add_argument("--format", action="append", choices=["md", "csv", "latex"],
+                        help="table format(s); repeatable (default md)")
+    report.add_argument("--out", help="output folder (default reports/EXPERIMENT)")
+    report.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlflow.db)")
+    sub.add_parser("methods", help="list methods and their hyperparameters")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # overrides may come before or after options: collect the key=value leftovers
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if args.command != "run" or e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "run":
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    handlers = {"run": _run, "report": _report, "methods": _methods}
+    try:
+        return handlers[args.command](args, console)
+    except ConfigError as err:
+        console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""StreamRunner: the Ray actor that runs one run at a time and streams one event per task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(gpu_ids: list[Any]) -> str:
+    """The torch device for an actor: the first GPU Ray assigned it, else the CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, so inside the actor they are
+    renumbered from 0.
+    """
+    import torch
+
+    if gpu_ids and torch.cuda.is_available():
+        return "cuda:0"
+    return "cpu"
+
+
+class StreamRunner:
+    """Runs runs one after another; ``run`` is a generator yielding plain-Python events."""
+
+    def __init__(self, torch_threads: int, gpu_memory_fraction: float | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.torch_threads = torch.get_num_threads()
+        self.device = pick_device(ray.get_gpu_ids())
+        if self.device.startswith("cuda") and gpu_memory_fraction:
+            # Runs sharing a GPU get no isolation from Ray; cap each one's share.
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, 0)
+        self._stop = threading.Event()
+
+    def info(self) -> dict[str, Any]:
+        """Where this actor runs: node, pid, device, torch threads."""
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "device": self.device, "torch_threads": self.torch_threads,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def stop(self) -> None:
+        """Ask the run in progress to stop at its next batch."""
+        self._stop.set()
+
+    def run(self, resolved: dict[str, Any], plugins: list[str] | None = None):
+        """Build the stream and learner of one run and learn it, yielding one event per task."""
+        from learners import ModelConfig, TrainConfig, build_learner
+        from orchestrator.config import import_plugins
+        from learners.evaluation import iter_stream
+        from learners.hparams import build_dataclass
+        from task_streams import StreamConfig, build_stream
+
+        self._stop.clear()
+        import_plugins(list(plugins or []))
+        started = time.perf_counter()
+        seed = int(resolved["seed"])
+        stream = build_stream(build_dataclass(StreamConfig, resolved["stream"]), seed)
+        stream = stream.to(self.device)
+        learner = build_learner(
+            resolved["method"], stream.info, resolved["hparams"],
+            model=build_dataclass(ModelConfig, resolved["model"]),
+            train=build_dataclass(TrainConfig, resolved["train"]),
+            device=self.device, seed=seed,
+        )
+        yield {"kind": "start", "tasks": [t.name for t in stream], "scenario": stream.scenario,
+               "setup_time_s": time.perf_counter() - started, **self.info()}
+        for event in iter_stream(learner, stream, should_stop=self._stop.is_set):
+            yield event
+
+
+def make_runner_class(cpus_per_run: float, gpus_per_run: float):
+    """The StreamRunner actor class with its resource request and threading set."""
+    return ray.remote(StreamRunner).options(
+        num_cpus=cpus_per_run,
+        num_gpus=gpus_per_run,
+        max_concurrency=2,  # one thread runs, the other can receive stop()
+        max_restarts=0,
+        max_task_retries=0,  # a retried generator would re-run from the start; the driver decides
+    )
+
+
+def format_error(err: BaseException) -> str:
+    """The error text stored with a failed run."""
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))

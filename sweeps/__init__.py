@@ -1,0 +1,1 @@
+"""Sweeps: Optuna studies on top of the orchestrator (coming with the sweeps issue)."""

@@ -1,0 +1,56 @@
+"""StreamConfig: the typed description of a task stream, and the stream-builder registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from task_streams.base import TaskStream
+
+SOURCES = ("mnist5k", "digits", "fashion_mnist", "idx", "npz")
+SPLIT_SCENARIOS = ("task", "class", "domain")
+
+
+@dataclass
+class StreamConfig:
+    """Which stream to build. Together with a seed it determines every tensor of the stream."""
+
+    name: str = "permuted"
+    """builder: permuted | rotated | split | noisy_clean (see STREAM_BUILDERS)"""
+    source: str = "mnist5k"
+    """mnist5k (bundled 5,000-image MNIST subset) | digits (sklearn 8x8) | fashion_mnist
+    (Debian package) | idx (folder of MNIST-format IDX files, ``path``) | npz (file, ``path``)"""
+    path: Optional[str] = None
+    """folder (idx) or file (npz) for user data"""
+    num_tasks: int = 5
+    train_per_task: int = 1000
+    """training samples per task; 0 takes every available sample"""
+    test_per_task: int = 500
+    """test samples per task; 0 takes every available sample"""
+    scenario: Optional[str] = None
+    """split streams only: task | class | domain (default task); others are domain-incremental"""
+    classes_per_task: int = 2
+    """split streams: classes in each task"""
+    min_angle: float = 0.0
+    """rotated streams: smallest rotation in degrees"""
+    max_angle: float = 180.0
+    """rotated streams: largest rotation in degrees"""
+    noise_std: float = 0.5
+    """noisy_clean: std of the Gaussian pixel noise added in the noisy task (pixels in [0, 1])"""
+    task_order: Optional[list[int]] = None
+    """a permutation of 0..num_tasks-1: the order tasks are presented in (default: natural)"""
+
+
+StreamBuilder = Callable[[StreamConfig, int], TaskStream]
+STREAM_BUILDERS: dict[str, StreamBuilder] = {}
+
+
+def register_stream(name: str) -> Callable[[StreamBuilder], StreamBuilder]:
+    """Decorator: make a builder ``(config, seed) -> TaskStream`` available under ``name``."""
+
+    def decorate(fn: StreamBuilder) -> StreamBuilder:
+        STREAM_BUILDERS[name] = fn
+        return fn
+
+    return decorate

@@ -1,0 +1,69 @@
+"""Shared fixtures: a small Ray instance per module that needs one, tiny experiment configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+FAILING_PLUGIN = '''
+"""Test plugin: a learner that fails on its second task."""
+from learners.base import register
+from learners.finetune import FineTune
+
+
+@register("explode_on_task_1")
+class ExplodeOnTask1(FineTune):
+    """Fine-tuning that raises when it reaches task 1."""
+
+    def before_task(self, task):
+        if task.id == 1:
+            raise RuntimeError("boom on task 1")
+'''
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """Ray started once for the module (2 CPUs, small object store); test plugins importable."""
+    import ray
+
+    plugin_dir = tmp_path_factory.mktemp("plugins")
+    (plugin_dir / "lia_test_plugin.py").write_text(FAILING_PLUGIN)
+    sys.path.insert(0, str(plugin_dir))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(plugin_dir) + (os.pathsep + old if old else "")
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=150 * 1024**2, logging_level="WARNING")
+    yield plugin_dir
+    ray.shutdown()
+    sys.path.remove(str(plugin_dir))
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def tiny_config(tmp_path: Path, name: str = "tiny", **changes) -> dict:
+    """A config that runs in seconds: 3 permuted-digits tasks, a 32-unit MLP."""
+    config = {
+        "name": name,
+        "methods": {"finetune": {}, "replay": {"buffer_size": 50}},
+        "seeds": [0, 1],
+        "stream": {"name": "permuted", "source": "digits", "num_tasks": 3,
+                   "train_per_task": 200, "test_per_task": 100},
+        "model": {"hidden": [32]},
+        "train": {"epochs": 1, "batch_size": 10, "lr": 0.1},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
+                     "artifact_location": str(tmp_path / "artifacts")},
+    }
+    config.update(changes)
+    return config
+
+
+def write_config(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,84 @@
+"""Metrics against hand-worked R matrices."""
+
+import json
+
+import pytest
+
+from learners.metrics import CLASS_IL_FWT_REASON, RMatrix, compute_metrics
+
+# Three tasks. random-init b = [0.1, 0.2, 0.3]
+#   after t0: [0.9, 0.4, 0.35]
+#   after t1: [0.7, 0.8, 0.5]
+#   after t2: [0.6, 0.7, 0.95]
+R3 = RMatrix(
+    ["a", "b", "c"],
+    [0.1, 0.2, 0.3],
+    [[0.9, 0.4, 0.35], [0.7, 0.8, 0.5], [0.6, 0.7, 0.95]],
+)
+
+
+def test_three_task_metrics_by_hand():
+    m = compute_metrics(R3, "domain")
+    assert m.acc == pytest.approx((0.6 + 0.7 + 0.95) / 3)
+    # BWT: ((0.6 - 0.9) + (0.7 - 0.8)) / 2 = -0.2
+    assert m.bwt == pytest.approx(-0.2)
+    # FWT: ((0.4 - 0.2) + (0.5 - 0.3)) / 2 = 0.2
+    assert m.fwt == pytest.approx(0.2)
+    # forgetting: task a: max(0.9, 0.7) - 0.6 = 0.3; task b: max(0.4, 0.8) - 0.7 = 0.1
+    assert m.forgetting_per_task == pytest.approx([0.3, 0.1])
+    assert m.forgetting == pytest.approx(0.2)
+    assert m.undefined == {}
+
+
+def test_forgetting_uses_the_best_earlier_row_not_the_diagonal():
+    r = RMatrix(["a", "b", "c"], [0, 0, 0], [[0.5, 0, 0], [0.9, 0.5, 0], [0.4, 0.5, 0.5]])
+    m = compute_metrics(r, "task")
+    assert m.forgetting_per_task == pytest.approx([0.5, 0.0])
+    assert m.bwt == pytest.approx(((0.4 - 0.5) + (0.5 - 0.5)) / 2)
+
+
+def test_one_task_stream():
+    r = RMatrix(["only"], [0.1], [[0.8]])
+    m = compute_metrics(r, "task")
+    assert m.acc == pytest.approx(0.8)
+    assert m.bwt is None and m.fwt is None and m.forgetting is None
+    assert set(m.undefined) == {"BWT", "FWT", "forgetting"}
+
+
+def test_class_incremental_fwt_is_undefined_with_reason():
+    m = compute_metrics(R3, "class")
+    assert m.fwt is None
+    assert m.undefined["FWT"] == CLASS_IL_FWT_REASON
+    assert m.bwt == pytest.approx(-0.2)
+
+
+def test_incomplete_matrix_is_refused():
+    r = RMatrix(["a", "b"], [0.5, 0.5], [[0.9, 0.1]])
+    with pytest.raises(ValueError, match="1 of 2 rows"):
+        compute_metrics(r, "domain")
+
+
+def test_json_shape_and_round_trip(tmp_path):
+    path = tmp_path / "r_matrix.json"
+    R3.save_json(path)
+    data = json.loads(path.read_text())
+    assert set(data) == {"tasks", "random_init", "R"}
+    assert data["R"][1][0] == 0.7
+    assert RMatrix.load_json(path) == R3
+
+
+def test_csv_layout():
+    lines = R3.to_csv().strip().splitlines()
+    assert lines[0] == "after,a,b,c"
+    assert lines[1] == "random_init,0.1,0.2,0.3"
+    assert lines[3] == "after_b,0.7,0.8,0.5"
+
+
+def test_shape_checks():
+    with pytest.raises(ValueError, match="random_init"):
+        RMatrix(["a", "b"], [0.1], [])
+    r = RMatrix(["a"], [0.1])
+    r.append([0.5])
+    with pytest.raises(ValueError, match="complete"):
+        r.append([0.6])
+    assert r.avg_acc_seen(0) == 0.5

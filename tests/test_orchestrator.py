@@ -1,0 +1,136 @@
+"""End to end through Ray and MLflow: lia run, skipping, failures, reports, the Python API."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config, write_config
+from mlflow.tracking import MlflowClient
+
+from learners.metrics import RMatrix, compute_metrics
+from orchestrator import load_experiment, run_experiment
+from orchestrator.cli import main
+from orchestrator.report import write_report
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _runs(client: MlflowClient, experiment: str, kind: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("lia.kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny experiment, run once through the CLI."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    rc = main(["run", str(path), "--no-progress"])
+    return tmp_path, path, rc
+
+
+def test_lia_run_logs_parent_and_children(tiny_run, tmp_path):
+    tmp, _, rc = tiny_run
+    assert rc == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    parents = _runs(client, "tiny", "invocation")
+    children = _runs(client, "tiny", "run")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "summary.csv", "summary.md", "comparison.png",
+            "runs.csv"} <= parent_files
+    assert parent.data.tags["code_version"]
+    for child in children:
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["method"] in {"finetune", "replay"}
+        assert tags["stream"] == "permuted" and tags["seed"] in {"0", "1"}
+        assert len(tags["run_key"]) == 16
+        assert child.info.status == "FINISHED"
+        params = child.data.params
+        assert params["stream.name"] == "permuted" and params["train.lr"] == "0.1"
+        if tags["method"] == "replay":
+            assert params["hparams.buffer_size"] == "50"
+        files = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"r_matrix.json", "r_matrix.csv", "r_matrix.png"} <= files
+        local = tmp_path / child.info.run_id
+        local.mkdir()
+        r = RMatrix.load_json(client.download_artifacts(child.info.run_id, "r_matrix.json",
+                                                        str(local)))
+        assert len(r.R) == 3 and r.tasks == ["perm0", "perm1", "perm2"]
+        # every acc_task_j logged at step i equals R[i][j]
+        for j in range(3):
+            history = client.get_metric_history(child.info.run_id, f"acc_task_{j}")
+            assert sorted((m.step, m.value) for m in history) == [
+                (i, pytest.approx(r.R[i][j])) for i in range(3)]
+        seen = client.get_metric_history(child.info.run_id, "avg_acc_seen")
+        assert [m.step for m in sorted(seen, key=lambda m: m.step)] == [0, 1, 2]
+        # the logged metrics equal those recomputed from r_matrix.json
+        recomputed = compute_metrics(r, "domain").as_dict()
+        for name, value in recomputed.items():
+            assert child.data.metrics[name] == pytest.approx(value), name
+        assert child.data.metrics["train_time_s"] > 0
+
+
+def test_second_invocation_creates_no_child_runs(tiny_run, capsys):
+    tmp, path, _ = tiny_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    before = {r.info.run_id for r in _runs(client, "tiny", "run")}
+    assert main(["run", str(path), "--no-progress"]) == 0
+    after = {r.info.run_id for r in _runs(client, "tiny", "run")}
+    assert after == before
+    assert "4 of 4 runs already finished" in capsys.readouterr().err
+    # a changed setting is a new run; the unchanged ones are still skipped
+    assert main(["run", str(path), "--no-progress", "seeds=[0,1,2]"]) == 0
+    newer = {r.info.run_id for r in _runs(client, "tiny", "run")}
+    assert len(newer - before) == 2
+
+
+def test_failed_run_is_marked_and_others_finish(ray_local, tmp_path):
+    config = tiny_config(tmp_path, name="fails", seeds=[0],
+                         methods={"finetune": {}, "boom": {"method": "explode_on_task_1"}},
+                         plugins=["lia_test_plugin"])
+    rc = main(["run", str(write_config(tmp_path, config)), "--no-progress"])
+    assert rc == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    by_label = {r.data.tags["label"]: r for r in _runs(client, "fails", "run")}
+    assert by_label["finetune"].info.status == "FINISHED"
+    failed = by_label["boom"]
+    assert failed.info.status == "FAILED"
+    error = client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))
+    assert "boom on task 1" in open(error).read()
+    # the row of the task it did finish was logged before the failure
+    assert len(client.get_metric_history(failed.info.run_id, "acc_task_0")) == 1
+
+
+def test_report_writes_tables_and_plots(tiny_run, tmp_path):
+    tmp, _, _ = tiny_run
+    written = write_report("tiny", tmp_path / "report", ["md", "csv", "latex"],
+                           tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    md = written["md"].read_text()
+    assert "finetune" in md and "replay" in md and "ACC (%)" in md
+    assert written["latex"].read_text().startswith(r"\begin{tabular}")
+    for key in ("heatmap_finetune", "heatmap_replay", "curves"):
+        assert written[key].stat().st_size > 1000
+    summary = written["csv"].read_text().splitlines()
+    assert summary[0].startswith("label,method,n,ACC_mean")
+    assert main(["report", "tiny", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "summary.md").exists()
+    assert main(["report", "no-such-experiment", "--tracking-uri",
+                 f"sqlite:///{tmp}/mlflow.db"]) == 2
+
+
+def test_python_api_runs_and_loads(tiny_run, tmp_path):
+    tmp, _, _ = tiny_run
+    runs = load_experiment("tiny", tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    assert len(runs) == 6  # 2 methods x 3 seeds after the second test's extra seed
+    assert set(runs.columns) >= {"label", "seed", "ACC", "BWT", "FWT", "forgetting", "R"}
+    # a fresh experiment through the API: same seeds give bit-identical R matrices
+    config = tiny_config(tmp_path, name="api", methods={"finetune": {}}, seeds=[0])
+    fresh = run_experiment(config)
+    assert list(fresh["status"]) == ["FINISHED"]
+    original = runs[(runs.label == "finetune") & (runs.seed == 0)].iloc[0]
+    assert fresh.iloc[0]["R"] == original["R"]
+    assert fresh.iloc[0]["ACC"] == original["ACC"]
