@@ -51,8 +51,10 @@ from task_streams import StreamConfig, build_stream  # noqa: E402
 def check_idle() -> None:
     load1 = os.getloadavg()[0]
     if load1 > 0.5:
-        print(f"warning: 1-minute load average is {load1:.2f}; timings may be inflated",
-              file=sys.stderr)
+        print(
+            f"warning: 1-minute load average is {load1:.2f}; timings may be inflated",
+            file=sys.stderr,
+        )
 
 
 def bare_loop(stream, seed: int) -> float:
@@ -81,17 +83,24 @@ def bare_loop(stream, seed: int) -> float:
 
 def orchestrated(tmp: str, rep: int) -> tuple[float, float, float]:
     """(actor train time, actor eval time, invocation wall time) of one `lia run`."""
-    config = load_config({
-        "name": f"overhead{rep}",
-        "methods": {"finetune": {}},
-        "seeds": [0],
-        "stream": {"name": "permuted", "source": "mnist5k", "num_tasks": TASKS,
-                   "train_per_task": TRAIN_PER_TASK, "test_per_task": TEST_PER_TASK},
-        "model": {"hidden": HIDDEN},
-        "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "optimizer": "sgd"},
-        "resources": {"cpus_per_run": 1, "max_concurrent_runs": 1},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow{rep}.db"},
-    })
+    config = load_config(
+        {
+            "name": f"overhead{rep}",
+            "methods": {"finetune": {}},
+            "seeds": [0],
+            "stream": {
+                "name": "permuted",
+                "source": "mnist5k",
+                "num_tasks": TASKS,
+                "train_per_task": TRAIN_PER_TASK,
+                "test_per_task": TEST_PER_TASK,
+            },
+            "model": {"hidden": HIDDEN},
+            "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "optimizer": "sgd"},
+            "resources": {"cpus_per_run": 1, "max_concurrent_runs": 1},
+            "tracking": {"uri": f"sqlite:///{tmp}/mlflow{rep}.db"},
+        }
+    )
     start = time.perf_counter()
     result = execute(config, progress=False)
     wall = time.perf_counter() - start
@@ -111,9 +120,16 @@ def main() -> None:
         TASKS, REPETITIONS = QUICK["TASKS"], QUICK["REPETITIONS"]
     check_idle()
     torch.set_num_threads(1)
-    stream = build_stream(StreamConfig(name="permuted", source="mnist5k", num_tasks=TASKS,
-                                       train_per_task=TRAIN_PER_TASK,
-                                       test_per_task=TEST_PER_TASK), seed=0)
+    stream = build_stream(
+        StreamConfig(
+            name="permuted",
+            source="mnist5k",
+            num_tasks=TASKS,
+            train_per_task=TRAIN_PER_TASK,
+            test_per_task=TEST_PER_TASK,
+        ),
+        seed=0,
+    )
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - start

@@ -21,17 +21,30 @@ class ModelConfig:
     backbone: str = hp("mlp", help="network family", choices=BACKBONES)
     hidden: list[int] = field(
         default_factory=lambda: [100, 100],
-        metadata={"help": "MLP hidden layer widths", "low": None, "high": None,
-                  "choices": None, "search": None, "log": False},
+        metadata={
+            "help": "MLP hidden layer widths",
+            "low": None,
+            "high": None,
+            "choices": None,
+            "search": None,
+            "log": False,
+        },
     )
     cnn_channels: list[int] = field(
         default_factory=lambda: [32, 64],
-        metadata={"help": "CNN conv channels, one 3x3 conv + 2x2 max-pool per entry",
-                  "low": None, "high": None, "choices": None, "search": None, "log": False},
+        metadata={
+            "help": "CNN conv channels, one 3x3 conv + 2x2 max-pool per entry",
+            "low": None,
+            "high": None,
+            "choices": None,
+            "search": None,
+            "log": False,
+        },
     )
     cnn_fc: int = hp(128, help="CNN fully connected width before the classifier", low=1)
-    dropout: float = hp(0.0, help="dropout before each hidden activation's successor", low=0.0,
-                        high=0.9)
+    dropout: float = hp(
+        0.0, help="dropout before each hidden activation's successor", low=0.0, high=0.9
+    )
 
     def __post_init__(self) -> None:
         for name in ("hidden", "cnn_channels"):
@@ -39,8 +52,10 @@ class ModelConfig:
             if any(int(w) < 1 for w in widths):
                 from learners.hparams import ConfigError
 
-                raise ConfigError(f"model.{name}={list(widths)} is not accepted; "
-                                  "expected a list of positive integers")
+                raise ConfigError(
+                    f"model.{name}={list(widths)} is not accepted; "
+                    "expected a list of positive integers"
+                )
 
 
 class MLP(nn.Module):
@@ -65,8 +80,14 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """Conv(3x3)+ReLU+MaxPool blocks, then one hidden fully connected layer."""
 
-    def __init__(self, input_shape: tuple[int, ...], channels: list[int], fc: int,
-                 num_classes: int, dropout: float):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        channels: list[int],
+        fc: int,
+        num_classes: int,
+        dropout: float,
+    ):
         super().__init__()
         in_ch, height, width = input_shape
         blocks: list[nn.Module] = []
@@ -74,8 +95,10 @@ class SmallCNN(nn.Module):
             blocks += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             in_ch, height, width = ch, height // 2, width // 2
             if height < 1 or width < 1:
-                raise ValueError(f"model.cnn_channels={channels} pools a {input_shape} input "
-                                 "below 1x1; use fewer conv blocks")
+                raise ValueError(
+                    f"model.cnn_channels={channels} pools a {input_shape} input "
+                    "below 1x1; use fewer conv blocks"
+                )
         head: list[nn.Module] = [nn.Flatten(), nn.Linear(in_ch * height * width, fc), nn.ReLU()]
         if dropout > 0:
             head.append(nn.Dropout(dropout))
@@ -90,13 +113,19 @@ class SmallCNN(nn.Module):
 def build_backbone(config: ModelConfig, info: StreamInfo) -> nn.Module:
     """Build the network named by ``config`` for the stream described by ``info``."""
     if config.backbone == "mlp":
-        return MLP(math.prod(info.input_shape), list(config.hidden), info.num_classes,
-                   config.dropout)
+        return MLP(
+            math.prod(info.input_shape), list(config.hidden), info.num_classes, config.dropout
+        )
     if config.backbone == "cnn":
         if len(info.input_shape) != 3:
             raise ValueError(f"the cnn backbone needs (C, H, W) inputs, got {info.input_shape}")
-        return SmallCNN(tuple(info.input_shape), list(config.cnn_channels), config.cnn_fc,
-                        info.num_classes, config.dropout)
+        return SmallCNN(
+            tuple(info.input_shape),
+            list(config.cnn_channels),
+            config.cnn_fc,
+            info.num_classes,
+            config.dropout,
+        )
     raise ValueError(f"model.backbone={config.backbone!r} is unknown; accepted: {BACKBONES}")
 
 

@@ -33,7 +33,8 @@ from learners.hparams import hp
 from task_streams.base import Task
 
 FISHER_TYPES = ("empirical", "true")
-FISHER_CHUNK = 256  # samples per vmap call: bounds the (chunk, num_parameters) gradient memory
+FISHER_CHUNK = 256  # samples per vmap call at most
+FISHER_CHUNK_BYTES = 2**28  # and at most this much memory for the chunk's per-sample gradients
 
 
 @dataclass
@@ -109,8 +110,9 @@ class EWC(Learner):
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
         model = self.model
 
-        def nll(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor,
-                mi: torch.Tensor | None) -> torch.Tensor:
+        def nll(
+            p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor | None
+        ) -> torch.Tensor:
             out = functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
             if mi is not None:  # the same masking as Learner.logits
                 out = out.masked_fill(~mi.unsqueeze(0), float("-inf"))
@@ -120,11 +122,13 @@ class EWC(Learner):
         per_sample = vmap(grad(nll), in_dims=(None, 0, 0, 0 if masked else None))
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         n_samples = int(y.shape[0])
+        per_sample_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        chunk = max(1, min(FISHER_CHUNK, FISHER_CHUNK_BYTES // max(per_sample_bytes, 1)))
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, n_samples, FISHER_CHUNK):
-                xc, yc, tc = (v[start : start + FISHER_CHUNK] for v in (x, y, t))
+            for start in range(0, n_samples, chunk):
+                xc, yc, tc = (v[start : start + chunk] for v in (x, y, t))
                 if self.hparams.fisher_type == "true":
                     yc = self._sample_labels(xc, tc)
                 mc = self.class_mask[tc] if masked else None
@@ -133,7 +137,7 @@ class EWC(Learner):
                     total[n] += grads[n].pow(2).sum(0)
         finally:
             model.train(was_training)
-        return {n: v / max(n_samples - 1, 1) for n, v in total.items()}
+        return {n: v / max(n_samples, 1) for n, v in total.items()}
 
     @torch.no_grad()
     def _sample_labels(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -182,6 +186,7 @@ class EWC(Learner):
 
     def stored_memory(self) -> dict[str, int]:
         """No samples; the Fisher and anchor tensors, in bytes."""
-        nbytes = sum(v.numel() * v.element_size() for d in self.fishers + self.anchors
-                     for v in d.values())
+        nbytes = sum(
+            v.numel() * v.element_size() for d in self.fishers + self.anchors for v in d.values()
+        )
         return {"stored_samples": 0, "stored_bytes": nbytes}

@@ -35,11 +35,16 @@ def hp(
     ``low``/``high`` bound the accepted values (inclusive); ``search`` is the sub-range (or list
     of choices) a tuner should explore, sampled log-uniformly when ``log`` is true.
     """
-    metadata = {"help": help, "low": low, "high": high, "choices": choices, "search": search,
-                "log": log}
+    metadata = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "choices": choices,
+        "search": search,
+        "log": log,
+    }
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata=metadata)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -92,8 +97,7 @@ def build_dataclass(cls: type, values: Mapping[str, Any] | None, prefix: str = "
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
-        field = next((f for f in dataclasses.fields(cls) if f.name == str(key).split(".")[0]),
-                     None)
+        field = next((f for f in dataclasses.fields(cls) if f.name == str(key).split(".")[0]), None)
         accepted = describe_range(field) if field is not None else ""
         given = values.get(str(key).split(".")[0], "?")
         raise ConfigError(

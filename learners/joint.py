@@ -30,7 +30,7 @@ class Joint(Learner):
         if len(parts) == 1:
             return parts[0]
         device = parts[-1][0].device
-        xs, ys, ts = zip(*parts)
+        xs, ys, ts = zip(*parts, strict=True)
         return (
             torch.cat([x.to(device) for x in xs]),
             torch.cat([y.to(device) for y in ys]),

@@ -69,16 +69,22 @@ class RMatrix:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """The ``r_matrix.json`` shape: {"tasks", "random_init", "R"}."""
-        return {"tasks": list(self.tasks), "random_init": list(self.random_init),
-                "R": [list(r) for r in self.R]}
+        return {
+            "tasks": list(self.tasks),
+            "random_init": list(self.random_init),
+            "R": [list(r) for r in self.R],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RMatrix:
         missing = {"tasks", "random_init", "R"} - set(data)
         if missing:
             raise ValueError(f"r_matrix data lacks keys {sorted(missing)}")
-        return cls(list(data["tasks"]), [float(v) for v in data["random_init"]],
-                   [[float(v) for v in row] for row in data["R"]])
+        return cls(
+            list(data["tasks"]),
+            [float(v) for v in data["random_init"]],
+            [[float(v) for v in row] for row in data["R"]],
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -96,7 +102,7 @@ class RMatrix:
         writer = csv.writer(buf)
         writer.writerow(["after", *self.tasks])
         writer.writerow(["random_init", *self.random_init])
-        for name, row in zip(self.tasks, self.R):
+        for name, row in zip(self.tasks, self.R, strict=False):
             writer.writerow([f"after_{name}", *row])
         return buf.getvalue()
 
@@ -113,8 +119,7 @@ class Metrics:
     undefined: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float | None]:
-        return {"ACC": self.acc, "BWT": self.bwt, "FWT": self.fwt,
-                "forgetting": self.forgetting}
+        return {"ACC": self.acc, "BWT": self.bwt, "FWT": self.fwt, "forgetting": self.forgetting}
 
 
 def _mean(values: list[float]) -> float:
@@ -135,7 +140,7 @@ def compute_metrics(r: RMatrix, scenario: str) -> Metrics:
             undefined[name] = ONE_TASK_REASON
         return Metrics(acc, None, None, None, [], undefined)
     bwt = _mean([last[i] - R[i][i] for i in range(t - 1)])
-    forgetting_per_task = [max(R[l][j] for l in range(t - 1)) - last[j] for j in range(t - 1)]
+    forgetting_per_task = [max(R[row][j] for row in range(t - 1)) - last[j] for j in range(t - 1)]
     if scenario == "class":
         fwt = None
         undefined["FWT"] = CLASS_IL_FWT_REASON

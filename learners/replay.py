@@ -1,4 +1,4 @@
-"""Experience replay (e.g. Chaudhry et al., 2019, "On tiny episodic memories in continual learning").
+"""Experience replay (Chaudhry et al., 2019, "On tiny episodic memories in continual learning").
 
 Every incoming batch is extended with a uniform sample from a fixed-size memory, and then
 inserted into that memory by reservoir sampling (Vitter, 1985, Algorithm R), so the memory is at
@@ -37,8 +37,9 @@ class ReservoirBuffer:
         self.y = torch.empty((cap, *y.shape[1:]), dtype=y.dtype, device=y.device)
         self.t = torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-            generator: torch.Generator) -> None:
+    def add(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator
+    ) -> None:
         """Offer a batch, item by item in order, to the reservoir.
 
         Item number i of the stream (0-based) fills slot i while i < capacity; afterwards it
@@ -62,22 +63,26 @@ class ReservoirBuffer:
         if kept.numel() == 0:
             return
         slot = slot[kept]
+        # one write per slot: the last batch item that picked it (batch position, in slot order)
         slots, inverse = torch.unique(slot, return_inverse=True)
-        if slots.numel() < slot.numel():  # collisions in this batch: keep each slot's last item
-            kept = torch.full_like(slots, -1).scatter_reduce_(0, inverse, kept, reduce="amax")
+        kept = torch.full_like(slots, -1).scatter_reduce_(0, inverse, kept, reduce="amax")
         device = self.x.device
         slots, kept = slots.to(device), kept.to(device)
         self.x[slots] = x[kept]
         self.y[slots] = y[kept]
         self.t[slots] = t[kept]
 
-    def sample(self, n: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """min(n, len(self)) distinct stored items, uniformly without replacement."""
         filled = len(self)
         if filled == 0 or n <= 0:
-            raise ValueError("cannot sample from an empty buffer" if filled == 0
-                             else f"sample size must be positive, got {n}")
+            raise ValueError(
+                "cannot sample from an empty buffer"
+                if filled == 0
+                else f"sample size must be positive, got {n}"
+            )
         idx = torch.randperm(filled, generator=generator)[: min(n, filled)].to(self.x.device)
         return self.x[idx], self.y[idx], self.t[idx]
 
@@ -93,16 +98,19 @@ class ReservoirBuffer:
         filled = len(self)
         state: dict[str, Any] = {"capacity": self.capacity, "seen": self.seen}
         if self.x is not None:
-            state.update(x=self.x[:filled].clone(), y=self.y[:filled].clone(),
-                         t=self.t[:filled].clone())
+            state.update(
+                x=self.x[:filled].clone(), y=self.y[:filled].clone(), t=self.t[:filled].clone()
+            )
         return state
 
-    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None
-                        ) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], device: torch.device | str | None = None
+    ) -> None:
         """Restore what :meth:`state_dict` returned (storage moved to ``device`` if given)."""
         if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"buffer state has capacity {state['capacity']}, "
-                             f"this buffer {self.capacity}")
+            raise ValueError(
+                f"buffer state has capacity {state['capacity']}, this buffer {self.capacity}"
+            )
         self.seen = int(state["seen"])
         self.x = self.y = self.t = None
         if "x" in state:
@@ -117,8 +125,11 @@ class ReplayHParams:
     """Hyperparameters of experience replay."""
 
     buffer_size: int = hp(
-        500, help="samples the reservoir memory holds (0 = no replay)", low=0,
-        search=(50, 5000), log=True,
+        500,
+        help="samples the reservoir memory holds (0 = no replay)",
+        low=0,
+        search=(50, 5000),
+        log=True,
     )
     replay_batch_size: int = hp(
         0, help="memory samples added to each batch; 0 = the training batch size", low=0
@@ -135,8 +146,9 @@ class Replay(Learner):
         super().__init__(*args, **kwargs)
         self.buffer = ReservoirBuffer(self.hparams.buffer_size)
 
-    def augment_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def augment_batch(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch plus a memory sample, once the memory holds anything."""
         if len(self.buffer) == 0:
             return x, y, t

@@ -24,12 +24,17 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config, overrides)
     result = execute(config, progress=not args.no_progress, console=console)
     if not result.summary.empty:
-        Console().print(summary_table(result.summary, f"{result.experiment}: mean ± std over "
-                                                      "seeds, accuracy in %"))
+        Console().print(
+            summary_table(
+                result.summary, f"{result.experiment}: mean ± std over seeds, accuracy in %"
+            )
+        )
     c = result.counts
-    console.print(f"runs: {c['done']} finished, {c['failed']} failed, {c['skipped']} skipped · "
-                  f"MLflow experiment {result.experiment!r} at {result.tracking_uri} "
-                  f"(parent run {result.parent_run_id})")
+    console.print(
+        f"runs: {c['done']} finished, {c['failed']} failed, {c['skipped']} skipped · "
+        f"MLflow experiment {result.experiment!r} at {result.tracking_uri} "
+        f"(parent run {result.parent_run_id})"
+    )
     if result.tracking_uri.startswith("sqlite:"):
         console.print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 1 if c["failed"] else 0
@@ -42,8 +47,9 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     written = write_report(args.experiment, out, args.format or ["md"], args.tracking_uri)
     if "md" in written:
         Console().print(written["md"].read_text())
-    console.print(f"wrote {len(written)} files to {out}: "
-                  + ", ".join(p.name for p in written.values()))
+    console.print(
+        f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written.values())
+    )
     return 0
 
 
@@ -53,29 +59,40 @@ def _methods(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]{name}[/] — {(cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(cls.HParams):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            console.print(f"    {f.name} = {default!r}  ({describe_range(f)}): "
-                          f"{f.metadata.get('help', '')}")
+            console.print(
+                f"    {f.name} = {default!r}  ({describe_range(f)}): {f.metadata.get('help', '')}"
+            )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lia", description="LearnsItAll: continual-learning "
-                                     "experiments on Ray, tracked in MLflow")
+    parser = argparse.ArgumentParser(
+        prog="lia",
+        description="LearnsItAll: continual-learning experiments on Ray, tracked in MLflow",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment config")
     run.add_argument("config", help="experiment YAML (see configs/)")
-    run.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. seeds=[0,1] "
-                     "train.lr=0.05 methods.ewc.ewc_lambda=1000")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        help="dot-list overrides, e.g. seeds=[0,1] train.lr=0.05 methods.ewc.ewc_lambda=1000",
+    )
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     report = sub.add_parser("report", help="tables and plots of an MLflow experiment")
     report.add_argument("experiment", help="MLflow experiment name")
-    report.add_argument("--format", action="append", choices=["md", "csv", "latex"],
-                        help="table format(s); repeatable (default md)")
+    report.add_argument(
+        "--format",
+        action="append",
+        choices=["md", "csv", "latex"],
+        help="table format(s); repeatable (default md)",
+    )
     report.add_argument("--out", help="output folder (default reports/EXPERIMENT)")
-    report.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
-                        "sqlite:///mlflow.db)")
+    report.add_argument(
+        "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     sub.add_parser("methods", help="list methods and their hyperparameters")
     return parser
 
@@ -89,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "run":
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     console = Console(stderr=True)
     handlers = {"run": _run, "report": _report, "methods": _methods}
     try:

@@ -13,7 +13,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,7 +31,7 @@ class ResourcesConfig:
 
     cpus_per_run: float = 1.0
     """CPU slots reserved per run; torch uses this many threads (at least 1)"""
-    gpus_per_run: Optional[float] = None
+    gpus_per_run: float | None = None
     """GPUs per run: 1, or a fraction (0.5, 0.25) to pack runs on one GPU; 0 forces CPU;
     null = 1 if the cluster has GPUs, else 0"""
     max_concurrent_runs: int = 0
@@ -42,11 +42,11 @@ class ResourcesConfig:
 class TrackingConfig:
     """Where results go."""
 
-    uri: Optional[str] = None
+    uri: str | None = None
     """MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"""
-    experiment: Optional[str] = None
+    experiment: str | None = None
     """MLflow experiment name; null = the config's name"""
-    artifact_location: Optional[str] = None
+    artifact_location: str | None = None
     """artifact root for a new experiment; null = MLflow's default"""
 
 
@@ -54,11 +54,11 @@ class TrackingConfig:
 class RayConfig:
     """How to reach Ray."""
 
-    address: Optional[str] = None
+    address: str | None = None
     """cluster address (ray://host:10001 or host:6379); null = $RAY_ADDRESS, else local"""
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     """CPUs of a locally started Ray instance; null = all cores"""
-    num_gpus: Optional[int] = None
+    num_gpus: int | None = None
     """GPUs of a locally started Ray instance; null = detected"""
 
 
@@ -74,7 +74,7 @@ class ExperimentConfig:
     """label -> hyperparameter overrides; a ``method`` key picks the learner when the label
     is not a method name (e.g. ``ewc_strong: {method: ewc, ewc_lambda: 1e4}``)"""
     seeds: list[int] = field(default_factory=lambda: [0])
-    task_orders: Optional[list[list[int]]] = None
+    task_orders: list[list[int]] | None = None
     """several presentation orders (each a permutation of the tasks); null = natural order"""
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,8 +116,9 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     if "not in struct" in message or "Key" in message and "not" in message:
         section = key.rsplit(".", 1)[0] if "." in key else ""
         accepted = _accepted_keys(section)
-        return ConfigError(f"unknown key {key}; accepted keys{' in ' + section if section else ''}"
-                           f": {accepted}")
+        return ConfigError(
+            f"unknown key {key}; accepted keys{' in ' + section if section else ''}: {accepted}"
+        )
     return ConfigError(f"{key}: {message}")
 
 
@@ -127,8 +128,11 @@ def _accepted_keys(section: str) -> str:
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
             return "?"
-        default = fields[part].default_factory if fields[part].default_factory is not \
-            dataclasses.MISSING else None
+        default = (
+            fields[part].default_factory
+            if fields[part].default_factory is not dataclasses.MISSING
+            else None
+        )
         node = type(default()) if default is not None else None
         if node is None or not dataclasses.is_dataclass(node):
             return "?"
@@ -175,8 +179,9 @@ def import_plugins(modules: list[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as err:
-            raise ConfigError(f"plugins: cannot import {name!r} ({type(err).__name__}: {err})"
-                              ) from None
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({type(err).__name__}: {err})"
+            ) from None
 
 
 def method_specs(config: ExperimentConfig) -> list[MethodSpec]:
@@ -205,11 +210,12 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"seeds={list(config.seeds)} has duplicates")
     try:
         stream = validate_stream_config(config.stream)
-        for k, order in enumerate(config.task_orders or []):
+        for _k, order in enumerate(config.task_orders or []):
             validate_stream_config(dataclasses.replace(stream, task_order=list(order)))
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err) if str(err).startswith("stream.") else f"stream: {err}") \
-            from None
+        raise ConfigError(
+            str(err) if str(err).startswith("stream.") else f"stream: {err}"
+        ) from None
     check_ranges(config.model, "model.")
     check_ranges(config.train, "train.")
     r = config.resources
@@ -218,8 +224,10 @@ def validate(config: ExperimentConfig) -> None:
     if r.gpus_per_run is not None and not (
         r.gpus_per_run == 0 or 0 < r.gpus_per_run <= 1 or float(r.gpus_per_run).is_integer()
     ):
-        raise ConfigError(f"resources.gpus_per_run={r.gpus_per_run} is not accepted; expected "
-                          "0, a fraction in (0, 1] such as 0.5 or 0.25, or a whole number")
+        raise ConfigError(
+            f"resources.gpus_per_run={r.gpus_per_run} is not accepted; expected "
+            "0, a fraction in (0, 1] such as 0.5 or 0.25, or a whole number"
+        )
     if r.gpus_per_run is not None and r.gpus_per_run < 0:
         raise ConfigError(f"resources.gpus_per_run={r.gpus_per_run} must be >= 0")
     if r.max_concurrent_runs < 0:
@@ -234,8 +242,9 @@ def run_key(resolved: dict[str, Any]) -> str:
 
 def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
     """Every (method, seed, order) run of the experiment, in a stable order."""
-    orders: list[Optional[list[int]]] = [list(o) for o in config.task_orders] \
-        if config.task_orders else [config.stream.task_order]
+    orders: list[list[int] | None] = (
+        [list(o) for o in config.task_orders] if config.task_orders else [config.stream.task_order]
+    )
     model = as_dict(config.model)
     train = as_dict(config.train)
     runs = []
@@ -244,10 +253,20 @@ def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
             stream = dataclasses.asdict(config.stream)
             stream["task_order"] = order
             for seed in config.seeds:
-                resolved = {"label": spec.label, "method": spec.method, "hparams": spec.hparams,
-                            "stream": stream, "model": model, "train": train, "seed": int(seed)}
-                runs.append(RunSpec(run_key(resolved), spec.label, spec.method, int(seed),
-                                    order_index, resolved))
+                resolved = {
+                    "label": spec.label,
+                    "method": spec.method,
+                    "hparams": spec.hparams,
+                    "stream": stream,
+                    "model": model,
+                    "train": train,
+                    "seed": int(seed),
+                }
+                runs.append(
+                    RunSpec(
+                        run_key(resolved), spec.label, spec.method, int(seed), order_index, resolved
+                    )
+                )
     return runs
 
 

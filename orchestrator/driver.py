@@ -80,10 +80,17 @@ def code_version() -> str:
     """The git commit of the code (with '+dirty' if modified), else the package version."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
@@ -102,8 +109,13 @@ def ensure_ray(config: RayConfig) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, include_dashboard=False,
-                 logging_level=logging.WARNING, configure_logging=True)
+        ray.init(
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
     return True
 
 
@@ -115,16 +127,19 @@ def plan_actors(resources: Any, pending: int) -> tuple[int, float, float]:
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     if gpus > cluster.get("GPU", 0) + 1e-9:
-        raise RuntimeError(f"resources.gpus_per_run={gpus} but the Ray cluster has "
-                           f"{cluster.get('GPU', 0)} GPUs")
+        raise RuntimeError(
+            f"resources.gpus_per_run={gpus} but the Ray cluster has {cluster.get('GPU', 0)} GPUs"
+        )
     slots = math.floor(cluster.get("CPU", 1) / cpus + 1e-9)
     if gpus > 0:
         slots = min(slots, math.floor(cluster.get("GPU", 0) / gpus + 1e-9))
     if resources.max_concurrent_runs:
         slots = min(slots, resources.max_concurrent_runs)
     if slots < 1:
-        raise RuntimeError(f"the Ray cluster ({cluster.get('CPU', 0)} CPUs) cannot fit one run "
-                           f"of resources.cpus_per_run={cpus}")
+        raise RuntimeError(
+            f"the Ray cluster ({cluster.get('CPU', 0)} CPUs) cannot fit one run "
+            f"of resources.cpus_per_run={cpus}"
+        )
     return max(1, min(slots, pending)), cpus, gpus
 
 
@@ -133,9 +148,15 @@ class _ProgressView:
 
     def __init__(self, console: Console, total_tasks: int, enabled: bool):
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("tasks · {task.fields[counts]}"), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not enabled,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tasks · {task.fields[counts]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
         )
         self.task = self.progress.add_task("runs", total=max(total_tasks, 1), counts="")
 
@@ -164,12 +185,19 @@ def execute(
     pending = [s for s in runs if s.run_key not in finished]
     skipped = [s for s in runs if s.run_key in finished]
     if skipped:
-        console.print(f"[yellow]{len(skipped)} of {len(runs)} runs already finished in MLflow "
-                      f"experiment {experiment!r}: skipped[/]")
+        console.print(
+            f"[yellow]{len(skipped)} of {len(runs)} runs already finished in MLflow "
+            f"experiment {experiment!r}: skipped[/]"
+        )
     parent_id = tracker.start_parent(
-        f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}", to_yaml(config),
-        {"code_version": code_version(), "runs.total": str(len(runs)),
-         "runs.skipped": str(len(skipped))})
+        f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        to_yaml(config),
+        {
+            "code_version": code_version(),
+            "runs.total": str(len(runs)),
+            "runs.skipped": str(len(skipped)),
+        },
+    )
 
     results = [_skipped_result(s, finished[s.run_key]) for s in skipped]
     if skipped:
@@ -191,17 +219,27 @@ def execute(
             ray.shutdown()
         frame = runs_frame(results)
         summary = summarize(frame)
-        tracker.finish_parent(parent_id, _parent_artifacts(frame, summary, config.name),
-                              status=status)
+        tracker.finish_parent(
+            parent_id, _parent_artifacts(frame, summary, config.name), status=status
+        )
     counts["running"] = 0
     return ExperimentResult(experiment, uri, parent_id, frame, summary, counts)
 
 
 def _skipped_result(spec: RunSpec, run: Any) -> RunResult:
     metrics = {m: run.data.metrics.get(m) for m in METRICS}
-    return RunResult(spec.run_key, spec.label, spec.method, spec.seed, spec.order_index,
-                     "SKIPPED", run.info.run_id, scenario=run.data.tags.get("scenario"),
-                     metrics=metrics, train_time_s=run.data.metrics.get("train_time_s"))
+    return RunResult(
+        spec.run_key,
+        spec.label,
+        spec.method,
+        spec.seed,
+        spec.order_index,
+        "SKIPPED",
+        run.info.run_id,
+        scenario=run.data.tags.get("scenario"),
+        metrics=metrics,
+        train_time_s=run.data.metrics.get("train_time_s"),
+    )
 
 
 def _run_all(
@@ -218,12 +256,14 @@ def _run_all(
     fraction = gpus if 0 < gpus < 1 else None
 
     def new_actor():
-        return runner_cls.remote(torch_threads=max(1, math.floor(cpus)),
-                                 gpu_memory_fraction=fraction)
+        return runner_cls.remote(
+            torch_threads=max(1, math.floor(cpus)), gpu_memory_fraction=fraction
+        )
 
     device_text = f"{gpus:g} GPU" if gpus > 0 else "CPU only (no GPU requested or present)"
-    console.print(f"{len(pending)} runs on {n_actors} actors · {cpus:g} CPU + {device_text} "
-                  f"per run")
+    console.print(
+        f"{len(pending)} runs on {n_actors} actors · {cpus:g} CPU + {device_text} per run"
+    )
     idle = [new_actor() for _ in range(n_actors)]
     queue = deque(pending)
     live: dict[Any, _Live] = {}
@@ -253,14 +293,23 @@ def _run_all(
                     del live[generator]
                     error = format_error(err)
                     tracker.fail_child(state.run_id, error)
-                    results.append(RunResult(
-                        state.spec.run_key, state.spec.label, state.spec.method,
-                        state.spec.seed, state.spec.order_index, "FAILED", state.run_id,
-                        scenario=state.scenario, r=state.r, error=error))
+                    results.append(
+                        RunResult(
+                            state.spec.run_key,
+                            state.spec.label,
+                            state.spec.method,
+                            state.spec.seed,
+                            state.spec.order_index,
+                            "FAILED",
+                            state.run_id,
+                            scenario=state.scenario,
+                            r=state.r,
+                            error=error,
+                        )
+                    )
                     counts["failed"] += 1
                     last_line = str(err).strip().splitlines()[-1][:300]
-                    console.print(f"[red]run {state.spec.run_name} failed:[/] "
-                                  f"{escape(last_line)}")
+                    console.print(f"[red]run {state.spec.run_name} failed:[/] {escape(last_line)}")
                     # the failed run's unfinished tasks leave the ETA's total
                     not_done = config.stream.num_tasks - (len(state.r.R) if state.r else 0)
                     view.shrink(not_done)
@@ -302,24 +351,45 @@ def _finish(tracker: Tracker, state: _Live, console: Console) -> RunResult:
     spec = state.spec
     assert state.r is not None and state.scenario is not None
     metrics = compute_metrics(state.r, state.scenario)
-    totals = {"train_time_s": state.train_time_s, "eval_time_s": state.eval_time_s,
-              "wall_time_s": time.perf_counter() - state.started}
-    for key in ("peak_memory_bytes", "model_parameters", "model_bytes", "stored_samples",
-                "stored_bytes"):
+    totals = {
+        "train_time_s": state.train_time_s,
+        "eval_time_s": state.eval_time_s,
+        "wall_time_s": time.perf_counter() - state.started,
+    }
+    for key in (
+        "peak_memory_bytes",
+        "model_parameters",
+        "model_bytes",
+        "stored_samples",
+        "stored_bytes",
+    ):
         if key in state.last:
             totals[key] = float(state.last[key])
     tracker.finish_child(state.run_id, state.r, metrics, totals)
     values = metrics.as_dict()
-    console.print(f"run {spec.run_name} finished: ACC {100 * metrics.acc:.2f}%"
-                  + (f" BWT {100 * metrics.bwt:+.2f}" if metrics.bwt is not None else ""))
-    return RunResult(spec.run_key, spec.label, spec.method, spec.seed, spec.order_index,
-                     "FINISHED", state.run_id, scenario=state.scenario, r=state.r,
-                     metrics=values, train_time_s=state.train_time_s)
+    console.print(
+        f"run {spec.run_name} finished: ACC {100 * metrics.acc:.2f}%"
+        + (f" BWT {100 * metrics.bwt:+.2f}" if metrics.bwt is not None else "")
+    )
+    return RunResult(
+        spec.run_key,
+        spec.label,
+        spec.method,
+        spec.seed,
+        spec.order_index,
+        "FINISHED",
+        state.run_id,
+        scenario=state.scenario,
+        r=state.r,
+        metrics=values,
+        train_time_s=state.train_time_s,
+    )
 
 
 def _parent_artifacts(runs: pd.DataFrame, summary: pd.DataFrame, name: str) -> dict[str, Any]:
-    artifacts: dict[str, Any] = {"runs.csv": runs.drop(columns=["R", "random_init", "tasks"])
-                                 .to_csv(index=False)}
+    artifacts: dict[str, Any] = {
+        "runs.csv": runs.drop(columns=["R", "random_init", "tasks"]).to_csv(index=False)
+    }
     if summary.empty:
         return artifacts
     artifacts["summary.csv"] = to_csv(summary)

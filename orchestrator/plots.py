@@ -36,8 +36,9 @@ def r_heatmap(
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 colour = "black" if data[i, j] > 0.6 else "white"
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color=colour)
+                ax.text(
+                    j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     ax.set_title(title)
     fig.tight_layout()
@@ -62,6 +63,9 @@ def accuracy_curves(
         x = np.arange(1, mean.shape[0] + 1)
         ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={values.shape[0]})")
         ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.2)
+    if curves:
+        longest = max(np.atleast_2d(v).shape[1] for v in curves.values())
+        ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy on tasks seen")
     ax.set_ylim(0, 1.02)

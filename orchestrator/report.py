@@ -34,19 +34,30 @@ def load_experiment(experiment: str, tracking_uri: str | None = None) -> pd.Data
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no MLflow experiment named {experiment!r} at {uri}; "
-                         f"experiments there: {', '.join(names) or '(none)'}")
+        raise ValueError(
+            f"no MLflow experiment named {experiment!r} at {uri}; "
+            f"experiments there: {', '.join(names) or '(none)'}"
+        )
     runs = finished_child_runs(client, [found.experiment_id])
     matrices = load_r_matrices(client, [r.info.run_id for r in runs.values()])
     results = []
     for key, run in runs.items():
         tags, values = run.data.tags, run.data.metrics
-        results.append(RunResult(
-            key, tags.get("label", tags.get("method", "?")), tags.get("method", "?"),
-            int(tags.get("seed", 0)), int(tags.get("order", 0)), "FINISHED", run.info.run_id,
-            scenario=tags.get("scenario"), r=matrices[run.info.run_id],
-            metrics={m: values.get(m) for m in METRICS},
-            train_time_s=values.get("train_time_s")))
+        results.append(
+            RunResult(
+                key,
+                tags.get("label", tags.get("method", "?")),
+                tags.get("method", "?"),
+                int(tags.get("seed", 0)),
+                int(tags.get("order", 0)),
+                "FINISHED",
+                run.info.run_id,
+                scenario=tags.get("scenario"),
+                r=matrices[run.info.run_id],
+                metrics={m: values.get(m) for m in METRICS},
+                train_time_s=values.get("train_time_s"),
+            )
+        )
     frame = runs_frame(results)
     return frame.sort_values(["label", "order", "seed"], kind="stable").reset_index(drop=True)
 
@@ -68,14 +79,16 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     written: dict[str, Path] = {}
-    writers = {"md": ("summary.md", to_markdown), "csv": ("summary.csv", to_csv),
-               "latex": ("summary.tex", to_latex)}
+    writers = {
+        "md": ("summary.md", to_markdown),
+        "csv": ("summary.csv", to_csv),
+        "latex": ("summary.tex", to_latex),
+    }
     for fmt in formats:
         name, writer = writers[fmt]
         (out / name).write_text(writer(summary))
         written[fmt] = out / name
-    runs.drop(columns=["R", "random_init", "tasks", "error"]).to_csv(out / "runs.csv",
-                                                                     index=False)
+    runs.drop(columns=["R", "random_init", "tasks", "error"]).to_csv(out / "runs.csv", index=False)
     written["runs"] = out / "runs.csv"
     for label in summary["label"]:
         R, b, tasks = mean_r(runs, label)
@@ -84,7 +97,10 @@ def write_report(
         plots.r_heatmap(R, tasks, b, path, title=f"{label}: mean R over {n} runs")
         written[f"heatmap_{label}"] = path
     curves_path = out / "avg_accuracy.png"
-    plots.accuracy_curves(avg_acc_curves(runs), curves_path,
-                          title=f"{experiment}: average accuracy on tasks seen (mean ± std)")
+    plots.accuracy_curves(
+        avg_acc_curves(runs),
+        curves_path,
+        title=f"{experiment}: average accuracy on tasks seen (mean ± std)",
+    )
     written["curves"] = curves_path
     return written

@@ -13,8 +13,22 @@ from scipy import stats
 from learners.metrics import Metrics, RMatrix
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
-RUN_COLUMNS = ("label", "method", "seed", "order", "status", "scenario", *METRICS,
-               "train_time_s", "run_key", "mlflow_run_id", "tasks", "random_init", "R", "error")
+RUN_COLUMNS = (
+    "label",
+    "method",
+    "seed",
+    "order",
+    "status",
+    "scenario",
+    *METRICS,
+    "train_time_s",
+    "run_key",
+    "mlflow_run_id",
+    "tasks",
+    "random_init",
+    "R",
+    "error",
+)
 
 
 @dataclass
@@ -37,14 +51,20 @@ class RunResult:
     def row(self) -> dict[str, Any]:
         metrics = self.metrics or {}
         return {
-            "label": self.label, "method": self.method, "seed": self.seed, "order": self.order,
-            "status": self.status, "scenario": self.scenario,
+            "label": self.label,
+            "method": self.method,
+            "seed": self.seed,
+            "order": self.order,
+            "status": self.status,
+            "scenario": self.scenario,
             **{m: metrics.get(m) for m in METRICS},
-            "train_time_s": self.train_time_s, "run_key": self.run_key,
+            "train_time_s": self.train_time_s,
+            "run_key": self.run_key,
             "mlflow_run_id": self.mlflow_run_id,
             "tasks": self.r.tasks if self.r else None,
             "random_init": self.r.random_init if self.r else None,
-            "R": self.r.R if self.r else None, "error": self.error,
+            "R": self.r.R if self.r else None,
+            "error": self.error,
         }
 
 
@@ -69,8 +89,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs[runs["status"].isin(["FINISHED", "SKIPPED"])]
     rows = []
     for label, group in ok.groupby("label", sort=False):
-        row: dict[str, Any] = {"label": label, "method": group["method"].iloc[0],
-                               "n": len(group)}
+        row: dict[str, Any] = {"label": label, "method": group["method"].iloc[0], "n": len(group)}
         for m in METRICS:
             values = group[m].dropna().to_numpy(dtype=float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
@@ -96,8 +115,13 @@ def table_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     header = ["method", "n", *[f"{m} (%)" for m in METRICS]]
     rows = []
     for _, s in summary.iterrows():
-        rows.append([str(s["label"]), str(int(s["n"])),
-                     *[_cell(s[f"{m}_mean"], s[f"{m}_std"]) for m in METRICS]])
+        rows.append(
+            [
+                str(s["label"]),
+                str(int(s["n"])),
+                *[_cell(s[f"{m}_mean"], s[f"{m}_std"]) for m in METRICS],
+            ]
+        )
     return header, rows
 
 
@@ -111,11 +135,23 @@ def to_markdown(summary: pd.DataFrame) -> str:
 def to_latex(summary: pd.DataFrame) -> str:
     header, rows = table_rows(summary)
     esc = [h.replace("%", r"\%") for h in header]
-    body = [" & ".join(c.replace("±", r"$\pm$").replace("_", r"\_") for c in r) + r" \\"
-            for r in rows]
-    return "\n".join([r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-                      " & ".join(esc) + r" \\", r"\midrule", *body, r"\bottomrule",
-                      r"\end{tabular}"]) + "\n"
+    body = [
+        " & ".join(c.replace("±", r"$\pm$").replace("_", r"\_") for c in r) + r" \\" for r in rows
+    ]
+    return (
+        "\n".join(
+            [
+                r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+                r"\toprule",
+                " & ".join(esc) + r" \\",
+                r"\midrule",
+                *body,
+                r"\bottomrule",
+                r"\end{tabular}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def to_csv(summary: pd.DataFrame) -> str:

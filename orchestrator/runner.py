@@ -43,9 +43,13 @@ class StreamRunner:
 
     def info(self) -> dict[str, Any]:
         """Where this actor runs: node, pid, device, torch threads."""
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": self.device, "torch_threads": self.torch_threads,
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "torch_threads": self.torch_threads,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
 
     def stop(self) -> None:
         """Ask the run in progress to stop at its next batch."""
@@ -54,9 +58,9 @@ class StreamRunner:
     def run(self, resolved: dict[str, Any], plugins: list[str] | None = None):
         """Build the stream and learner of one run and learn it, yielding one event per task."""
         from learners import ModelConfig, TrainConfig, build_learner
-        from orchestrator.config import import_plugins
         from learners.evaluation import iter_stream
         from learners.hparams import build_dataclass
+        from orchestrator.config import import_plugins
         from task_streams import StreamConfig, build_stream
 
         self._stop.clear()
@@ -66,15 +70,22 @@ class StreamRunner:
         stream = build_stream(build_dataclass(StreamConfig, resolved["stream"]), seed)
         stream = stream.to(self.device)
         learner = build_learner(
-            resolved["method"], stream.info, resolved["hparams"],
+            resolved["method"],
+            stream.info,
+            resolved["hparams"],
             model=build_dataclass(ModelConfig, resolved["model"]),
             train=build_dataclass(TrainConfig, resolved["train"]),
-            device=self.device, seed=seed,
+            device=self.device,
+            seed=seed,
         )
-        yield {"kind": "start", "tasks": [t.name for t in stream], "scenario": stream.scenario,
-               "setup_time_s": time.perf_counter() - started, **self.info()}
-        for event in iter_stream(learner, stream, should_stop=self._stop.is_set):
-            yield event
+        yield {
+            "kind": "start",
+            "tasks": [t.name for t in stream],
+            "scenario": stream.scenario,
+            "setup_time_s": time.perf_counter() - started,
+            **self.info(),
+        }
+        yield from iter_stream(learner, stream, should_stop=self._stop.is_set)
 
 
 def make_runner_class(cpus_per_run: float, gpus_per_run: float):

@@ -25,6 +25,7 @@ from orchestrator import plots
 from orchestrator.config import RunSpec, flatten
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -46,9 +47,11 @@ def check_reachable(uri: str) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
-        raise ConfigError(f"tracking.uri={uri!r} is unreachable ({type(err).__name__}); start "
-                          "the MLflow server or point tracking.uri / MLFLOW_TRACKING_URI at a "
-                          "reachable one") from None
+        raise ConfigError(
+            f"tracking.uri={uri!r} is unreachable ({type(err).__name__}); start "
+            "the MLflow server or point tracking.uri / MLFLOW_TRACKING_URI at a "
+            "reachable one"
+        ) from None
 
 
 def _now_ms() -> int:
@@ -65,7 +68,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location)
+                experiment, artifact_location=artifact_location
+            )
         else:
             self.experiment_id = found.experiment_id
         self.experiment = experiment
@@ -77,13 +81,15 @@ class Tracker:
 
     # ------------------------------------------------------------------ parent run
     def start_parent(self, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"lia.kind": "invocation", **tags})
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={"lia.kind": "invocation", **tags}
+        )
         self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
         return run.info.run_id
 
-    def finish_parent(self, run_id: str, artifacts: dict[str, str | bytes | Path],
-                      status: str = "FINISHED") -> None:
+    def finish_parent(
+        self, run_id: str, artifacts: dict[str, str | bytes | Path], status: str = "FINISHED"
+    ) -> None:
         for name, content in artifacts.items():
             self._log_file(run_id, name, content)
         self.client.set_terminated(run_id, status)
@@ -91,9 +97,16 @@ class Tracker:
     # ------------------------------------------------------------------ child runs
     def start_child(self, spec: RunSpec, parent_id: str) -> str:
         stream = spec.resolved["stream"]
-        tags = {PARENT_TAG: parent_id, "run_key": spec.run_key, "method": spec.method,
-                "label": spec.label, "stream": stream["name"], "seed": str(spec.seed),
-                "order": str(spec.order_index), "lia.kind": "run"}
+        tags = {
+            PARENT_TAG: parent_id,
+            "run_key": spec.run_key,
+            "method": spec.method,
+            "label": spec.label,
+            "stream": stream["name"],
+            "seed": str(spec.seed),
+            "order": str(spec.order_index),
+            "lia.kind": "run",
+        }
         run = self.client.create_run(self.experiment_id, run_name=spec.run_name, tags=tags)
         run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in flatten(spec.resolved).items()]
@@ -103,16 +116,22 @@ class Tracker:
 
     def log_start(self, run_id: str, event: dict[str, Any]) -> None:
         """Tags from the actor's first event: where the run runs and the scenario."""
-        self.client.log_batch(run_id, tags=[
-            RunTag("scenario", str(event["scenario"])), RunTag("device", str(event["device"])),
-            RunTag("node", str(event["node"])), RunTag("torch_threads",
-                                                       str(event["torch_threads"]))])
+        self.client.log_batch(
+            run_id,
+            tags=[
+                RunTag("scenario", str(event["scenario"])),
+                RunTag("device", str(event["device"])),
+                RunTag("node", str(event["node"])),
+                RunTag("torch_threads", str(event["torch_threads"])),
+            ],
+        )
 
     def log_init_row(self, run_id: str, row: list[float]) -> None:
         """The random-init accuracies, at step 0 of metrics ``init_acc_task_{j}``."""
         ts = _now_ms()
-        self._log_metrics(run_id, [Metric(f"init_acc_task_{j}", v, ts, 0)
-                                   for j, v in enumerate(row)])
+        self._log_metrics(
+            run_id, [Metric(f"init_acc_task_{j}", v, ts, 0) for j, v in enumerate(row)]
+        )
 
     def log_task_row(self, run_id: str, r: RMatrix, event: dict[str, Any]) -> None:
         """One finished task: ``acc_task_{j}`` and ``avg_acc_seen`` at step i, plus costs."""
@@ -120,20 +139,29 @@ class Tracker:
         ts = _now_ms()
         metrics = [Metric(f"acc_task_{j}", v, ts, i) for j, v in enumerate(event["row"])]
         metrics.append(Metric("avg_acc_seen", r.avg_acc_seen(i), ts, i))
-        for key in ("train_time_s", "eval_time_s", "peak_memory_bytes", "model_parameters",
-                    "stored_samples", "stored_bytes"):
+        for key in (
+            "train_time_s",
+            "eval_time_s",
+            "peak_memory_bytes",
+            "model_parameters",
+            "stored_samples",
+            "stored_bytes",
+        ):
             if key in event:
                 metrics.append(Metric(f"task_{key}", float(event[key]), ts, i))
         self._log_metrics(run_id, metrics)
 
-    def finish_child(self, run_id: str, r: RMatrix, metrics: Metrics,
-                     totals: dict[str, float]) -> None:
+    def finish_child(
+        self, run_id: str, r: RMatrix, metrics: Metrics, totals: dict[str, float]
+    ) -> None:
         """Final metrics, the R-matrix artifacts and FINISHED status."""
         ts = _now_ms()
         step = r.num_tasks - 1
         final = [Metric(k, v, ts, step) for k, v in metrics.as_dict().items() if v is not None]
-        final += [Metric(f"forgetting_task_{j}", v, ts, step)
-                  for j, v in enumerate(metrics.forgetting_per_task)]
+        final += [
+            Metric(f"forgetting_task_{j}", v, ts, step)
+            for j, v in enumerate(metrics.forgetting_per_task)
+        ]
         final += [Metric(k, float(v), ts, step) for k, v in totals.items()]
         self._log_metrics(run_id, final)
         tags = [RunTag(f"undefined.{name}", reason) for name, reason in metrics.undefined.items()]
@@ -142,16 +170,18 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "r_matrix.json").write_text(r.to_json())
             (Path(tmp) / "r_matrix.csv").write_text(r.to_csv())
-            plots.r_heatmap(r.R, r.tasks, r.random_init, Path(tmp) / "r_matrix.png",
-                            title="R matrix")
+            plots.r_heatmap(
+                r.R, r.tasks, r.random_init, Path(tmp) / "r_matrix.png", title="R matrix"
+            )
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, "FINISHED")
 
     def fail_child(self, run_id: str, error: str, status: str = "FAILED") -> None:
         """Mark a run FAILED (or KILLED) with its error text as ``error.txt``."""
         self.client.log_text(run_id, error, "error.txt")
-        self.client.set_tag(run_id, "error", error.strip().splitlines()[-1][:500] if error
-                            else "unknown")
+        self.client.set_tag(
+            run_id, "error", error.strip().splitlines()[-1][:500] if error else "unknown"
+        )
         self.client.set_terminated(run_id, status)
 
     # ------------------------------------------------------------------ helpers
@@ -177,8 +207,12 @@ def finished_child_runs(client: MlflowClient, experiment_ids: list[str]) -> dict
     token = None
     while True:
         page = client.search_runs(
-            experiment_ids, filter_string="attributes.status = 'FINISHED'",
-            max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+            experiment_ids,
+            filter_string="attributes.status = 'FINISHED'",
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         for run in page:
             key = run.data.tags.get("run_key")
             if key:
@@ -198,8 +232,14 @@ def load_r_matrices(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, R
             return RMatrix.from_dict(json.loads(Path(path).read_text()))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(run_ids, pool.map(fetch, run_ids)))
+        return dict(zip(run_ids, pool.map(fetch, run_ids), strict=False))
 
 
-__all__ = ["RunStatus", "Tracker", "check_reachable", "finished_child_runs", "load_r_matrices",
-           "resolve_tracking_uri"]
+__all__ = [
+    "RunStatus",
+    "Tracker",
+    "check_reachable",
+    "finished_child_runs",
+    "load_r_matrices",
+    "resolve_tracking_uri",
+]

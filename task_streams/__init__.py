@@ -1,8 +1,8 @@
 """Task streams in plain PyTorch: offline data sources and deterministic stream builders."""
 
 from task_streams.base import SCENARIOS, StreamInfo, Task, TaskStream
-from task_streams.config import STREAM_BUILDERS, StreamConfig, register_stream
 from task_streams.builders import build_stream, validate_stream_config
+from task_streams.config import STREAM_BUILDERS, StreamConfig, register_stream
 
 __all__ = [
     "SCENARIOS",

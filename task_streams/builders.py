@@ -46,8 +46,6 @@ from task_streams.config import (
 from task_streams.sources import SourceData, load_source
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(StreamConfig))
-DOMAIN_STREAMS = ("permuted", "rotated", "noisy_clean")
-"""Builders whose streams are always domain-incremental (stream.scenario None or 'domain')."""
 KNOWN_NUM_CLASSES = {"mnist5k": 10, "digits": 10, "fashion_mnist": 10}
 """Classes of the bundled sources, so split configs can be checked without loading data."""
 
@@ -310,7 +308,7 @@ def _draw(
         if rows is not None:
             picked = rows[picked]
         x = x_pool[picked]
-        parts += [x.unsqueeze(1) if x.dim() == 3 else x, y_pool[picked].clone()]
+        parts += [x.unsqueeze(1) if x.dim() == 3 else x, y_pool[picked]]
     return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -460,12 +458,12 @@ def build_noisy_clean(config: StreamConfig, seed: int) -> TaskStream:
         "test_per_task",
         f"testing in source {source.name!r}",
     )
-    x_te, y_te = _to_float(source.x_test[test_rows]), source.y_test[test_rows].clone()
+    x_te, y_te = _to_float(source.x_test[test_rows]), source.y_test[test_rows]
     noise_gen = generator(seed, tag, _NOISE, 0)
     classes = tuple(range(source.num_classes))
     tasks = []
     for t, (name, rows) in enumerate(zip(("noisy", "clean"), train_parts, strict=True)):
-        x_tr, y_tr = _to_float(source.x_train[rows]), source.y_train[rows].clone()
+        x_tr, y_tr = _to_float(source.x_train[rows]), source.y_train[rows]
         x_test = x_te.clone()
         if name == "noisy":
             x_tr = _add_noise(x_tr, config.noise_std, noise_gen)

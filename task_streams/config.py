@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 from task_streams.base import TaskStream
 
@@ -21,14 +20,14 @@ class StreamConfig:
     source: str = "mnist5k"
     """mnist5k (bundled 5,000-image MNIST subset) | digits (sklearn 8x8) | fashion_mnist
     (Debian package) | idx (folder of MNIST-format IDX files, ``path``) | npz (file, ``path``)"""
-    path: Optional[str] = None
+    path: str | None = None
     """folder (idx) or file (npz) for user data"""
     num_tasks: int = 5
-    train_per_task: int = 1000
-    """training samples per task; 0 takes every available sample"""
-    test_per_task: int = 500
-    """test samples per task; 0 takes every available sample"""
-    scenario: Optional[str] = None
+    train_per_task: int = 0
+    """training samples per task; 0 (default) takes every available sample"""
+    test_per_task: int = 0
+    """test samples per task; 0 (default) takes every available sample"""
+    scenario: str | None = None
     """split streams only: task | class | domain (default task); others are domain-incremental"""
     classes_per_task: int = 2
     """split streams: classes in each task"""
@@ -38,7 +37,7 @@ class StreamConfig:
     """rotated streams: largest rotation in degrees"""
     noise_std: float = 0.5
     """noisy_clean: std of the Gaussian pixel noise added in the noisy task (pixels in [0, 1])"""
-    task_order: Optional[list[int]] = None
+    task_order: list[int] | None = None
     """a permutation of 0..num_tasks-1: the order tasks are presented in (default: natural)"""
 
 

@@ -35,8 +35,13 @@ def ray_local(tmp_path_factory):
     sys.path.insert(0, str(plugin_dir))
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(plugin_dir) + (os.pathsep + old if old else "")
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=150 * 1024**2, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=150 * 1024**2,
+        logging_level="WARNING",
+    )
     yield plugin_dir
     ray.shutdown()
     sys.path.remove(str(plugin_dir))
@@ -52,12 +57,19 @@ def tiny_config(tmp_path: Path, name: str = "tiny", **changes) -> dict:
         "name": name,
         "methods": {"finetune": {}, "replay": {"buffer_size": 50}},
         "seeds": [0, 1],
-        "stream": {"name": "permuted", "source": "digits", "num_tasks": 3,
-                   "train_per_task": 200, "test_per_task": 100},
+        "stream": {
+            "name": "permuted",
+            "source": "digits",
+            "num_tasks": 3,
+            "train_per_task": 200,
+            "test_per_task": 100,
+        },
         "model": {"hidden": [32]},
         "train": {"epochs": 1, "batch_size": 10, "lr": 0.1},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
-                     "artifact_location": str(tmp_path / "artifacts")},
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "artifact_location": str(tmp_path / "artifacts"),
+        },
     }
     config.update(changes)
     return config

@@ -65,7 +65,8 @@ def test_run_keys_are_stable_and_change_with_the_config(tmp_path):
     first = [r.run_key for r in expand_runs(config)]
     assert first == [r.run_key for r in expand_runs(load_config(tiny_config(tmp_path)))]
     assert len(set(first)) == 4  # 2 methods x 2 seeds
-    changed = [r.run_key for r in expand_runs(load_config(tiny_config(tmp_path), ["train.lr=0.05"]))]
+    changed_config = load_config(tiny_config(tmp_path), ["train.lr=0.05"])
+    changed = [r.run_key for r in expand_runs(changed_config)]
     assert not set(first) & set(changed)
     # the tracking location is not part of a run's identity
     moved = load_config(tiny_config(tmp_path), ["tracking.uri=sqlite:///elsewhere.db"])
@@ -82,9 +83,15 @@ def test_task_orders_expand_and_are_validated(tmp_path):
 
 
 def test_labels_pick_methods(tmp_path):
-    config = load_config(tiny_config(tmp_path, methods={
-        "ewc_weak": {"method": "ewc", "ewc_lambda": 1.0},
-        "ewc_strong": {"method": "ewc", "ewc_lambda": 1e4}}))
+    config = load_config(
+        tiny_config(
+            tmp_path,
+            methods={
+                "ewc_weak": {"method": "ewc", "ewc_lambda": 1.0},
+                "ewc_strong": {"method": "ewc", "ewc_lambda": 1e4},
+            },
+        )
+    )
     runs = expand_runs(config)
     assert {r.method for r in runs} == {"ewc"}
     assert {r.resolved["hparams"]["ewc_lambda"] for r in runs} == {1.0, 1e4}

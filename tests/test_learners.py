@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from itertools import pairwise
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from scipy.stats import chisquare
 import learners.ewc as ewc_module
 from learners import LEARNERS, ConfigError, Learner, ModelConfig, TrainConfig, build_learner
 from learners.replay import ReservoirBuffer
-from task_streams.base import StreamInfo, Task, TaskStream
+from task_streams.base import Task, TaskStream
 
 SHAPE = (1, 4, 5)  # 20 features, (C, H, W) as the Task contract says
 FEATURES = 20
@@ -41,7 +42,7 @@ def gaussian_task(
 
 
 def conflict_stream(n: int = 300, seed: int = 0) -> TaskStream:
-    """Domain-incremental: task 1 relabels task 0's clusters c -> c+1 (mod 4); a context flags it."""
+    """Domain-incremental: task 1 relabels task 0's clusters c -> c+1 (mod 4), with a context."""
     g = torch.Generator().manual_seed(seed)
     protos = 2 * torch.randn(4, FEATURES - 4, generator=g)
     context = torch.ones(1, 4)
@@ -51,26 +52,40 @@ def conflict_stream(n: int = 300, seed: int = 0) -> TaskStream:
     return TaskStream("conflict", "domain", [a, b], SHAPE, 4)
 
 
-def split_stream(scenario: str = "class", n: int = 300, seed: int = 0, tasks: int = 2,
-                 separation: float = 0.7) -> TaskStream:
+def split_stream(
+    scenario: str = "class", n: int = 300, seed: int = 0, tasks: int = 2, separation: float = 0.7
+) -> TaskStream:
     """Classes {2k, 2k+1} in task k, overlapping Gaussian clusters."""
     g = torch.Generator().manual_seed(seed)
     protos = separation * torch.randn(2 * tasks, FEATURES, generator=g)
     stream = [
-        gaussian_task(k, protos[2 * k : 2 * k + 2], torch.tensor([2 * k, 2 * k + 1]), n, g,
-                      (2 * k, 2 * k + 1))
+        gaussian_task(
+            k, protos[2 * k : 2 * k + 2], torch.tensor([2 * k, 2 * k + 1]), n, g, (2 * k, 2 * k + 1)
+        )
         for k in range(tasks)
     ]
     return TaskStream(f"split-{scenario}", scenario, stream, SHAPE, 2 * tasks)
 
 
-def make(name: str, stream: TaskStream, hparams: dict | None = None, seed: int = 0,
-         hidden: tuple[int, ...] = (32,), dropout: float = 0.0, **train: object) -> Learner:
+def make(
+    name: str,
+    stream: TaskStream,
+    hparams: dict | None = None,
+    seed: int = 0,
+    hidden: tuple[int, ...] = (32,),
+    dropout: float = 0.0,
+    **train: object,
+) -> Learner:
     """A small learner for ``stream``."""
     train_config = TrainConfig(**{"epochs": 1, "lr": 0.05, **train})
-    return build_learner(name, stream.info, hparams or {},
-                         model=ModelConfig(hidden=list(hidden), dropout=dropout),
-                         train=train_config, seed=seed)
+    return build_learner(
+        name,
+        stream.info,
+        hparams or {},
+        model=ModelConfig(hidden=list(hidden), dropout=dropout),
+        train=train_config,
+        seed=seed,
+    )
 
 
 def accuracy(learner: Learner, task: Task) -> float:
@@ -144,8 +159,12 @@ def _ewc_after_one_task(scenario: str = "domain", **hparams: object) -> tuple[Le
     return learner, stream
 
 
-def _move(learner: Learner, direction: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-          scale: float) -> None:
+def _move(
+    learner: Learner,
+    direction: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor],
+    scale: float,
+) -> None:
     with torch.no_grad():
         for n, p in learner.model.named_parameters():
             p.copy_(anchor[n] + scale * direction[n])
@@ -162,8 +181,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it():
         _move(learner, direction, anchor, scale)
         values.append(learner.penalty().item())
     assert values[0] > 0
-    assert all(b > a for a, b in zip(values, values[1:]))
-    for a, b in zip(values, values[1:]):  # quadratic: doubling the distance quadruples it
+    assert all(b > a for a, b in pairwise(values))
+    for a, b in pairwise(values):  # quadratic: doubling the distance quadruples it
         assert b / a == pytest.approx(4.0, rel=1e-3)
 
 
@@ -195,7 +214,7 @@ def test_ewc_penalty_sums_one_quadratic_per_learned_task():
     current = dict(learner.model.named_parameters())
     direct = sum(
         (f[n] * (current[n] - a[n]).pow(2)).sum()
-        for f, a in zip(learner.fishers, learner.anchors)
+        for f, a in zip(learner.fishers, learner.anchors, strict=True)
         for n in f
     )
     assert learner.penalty().item() == pytest.approx(0.5 * 7.0 * direct.item(), rel=1e-4)
@@ -275,12 +294,14 @@ def test_buffer_never_exceeds_capacity():
         assert torch.equal(buffer.x[: len(buffer), 0], kept.float())  # rows stay together
 
 
-def _algorithm_r(capacity: int, batches: list[int], seed: int) -> list[int]:
-    """Reference: Vitter's Algorithm R item by item, with the buffer's random draws."""
+def _algorithm_r(capacity: int, batches: list[int], seed: int, items: int) -> list[int]:
+    """Reference: Vitter's Algorithm R item by item on the first ``items``, same random draws."""
     g, slots, i = torch.Generator().manual_seed(seed), [], 0
     for size in batches:
         draws = torch.rand(size, generator=g, dtype=torch.float64)
         for u in draws.tolist():
+            if i == items:
+                return slots
             if i < capacity:
                 slots.append(i)
             else:
@@ -291,13 +312,15 @@ def _algorithm_r(capacity: int, batches: list[int], seed: int) -> list[int]:
     return slots
 
 
-def test_batched_add_equals_item_by_item_algorithm_r():
-    batches = [3, 8, 20, 50, 1, 33, 64, 5]
-    buffer, g, added = ReservoirBuffer(8), torch.Generator().manual_seed(3), 0
+@pytest.mark.parametrize("seed", range(20))
+def test_batched_add_equals_item_by_item_algorithm_r(seed):
+    sizes = torch.Generator().manual_seed(100 + seed)
+    batches = torch.randint(1, 40, (12,), generator=sizes).tolist()
+    buffer, g, added = ReservoirBuffer(8), torch.Generator().manual_seed(seed), 0
     for size in batches:
         buffer.add(*_ids(size, added), g)
         added += size
-    assert buffer.y.tolist() == _algorithm_r(8, batches, seed=3)
+        assert buffer.y[: len(buffer)].tolist() == _algorithm_r(8, batches, seed, added)
 
 
 @pytest.mark.parametrize(("batch", "trials"), [(7, 2000), (32, 1000)])
@@ -355,7 +378,7 @@ def test_replay_adds_memory_samples_to_batches_and_counts_its_memory():
     learner = make("replay", stream, {"buffer_size": 30, "replay_batch_size": 4})
     x, y = stream[0].x_train[:10], stream[0].y_train[:10]
     t = torch.zeros_like(y)
-    assert all(a is b for a, b in zip(learner.augment_batch(x, y, t), (x, y, t)))
+    assert all(a is b for a, b in zip(learner.augment_batch(x, y, t), (x, y, t), strict=True))
     learner.learn(stream[0])
     assert learner.buffer.seen == 100
     memory = learner.stored_memory()

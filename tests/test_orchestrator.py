@@ -38,8 +38,13 @@ def test_lia_run_logs_parent_and_children(tiny_run, tmp_path):
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "summary.csv", "summary.md", "comparison.png",
-            "runs.csv"} <= parent_files
+    assert {
+        "config.yaml",
+        "summary.csv",
+        "summary.md",
+        "comparison.png",
+        "runs.csv",
+    } <= parent_files
     assert parent.data.tags["code_version"]
     for child in children:
         tags = child.data.tags
@@ -56,14 +61,16 @@ def test_lia_run_logs_parent_and_children(tiny_run, tmp_path):
         assert {"r_matrix.json", "r_matrix.csv", "r_matrix.png"} <= files
         local = tmp_path / child.info.run_id
         local.mkdir()
-        r = RMatrix.load_json(client.download_artifacts(child.info.run_id, "r_matrix.json",
-                                                        str(local)))
+        r = RMatrix.load_json(
+            client.download_artifacts(child.info.run_id, "r_matrix.json", str(local))
+        )
         assert len(r.R) == 3 and r.tasks == ["perm0", "perm1", "perm2"]
         # every acc_task_j logged at step i equals R[i][j]
         for j in range(3):
             history = client.get_metric_history(child.info.run_id, f"acc_task_{j}")
             assert sorted((m.step, m.value) for m in history) == [
-                (i, pytest.approx(r.R[i][j])) for i in range(3)]
+                (i, pytest.approx(r.R[i][j])) for i in range(3)
+            ]
         seen = client.get_metric_history(child.info.run_id, "avg_acc_seen")
         assert [m.step for m in sorted(seen, key=lambda m: m.step)] == [0, 1, 2]
         # the logged metrics equal those recomputed from r_matrix.json
@@ -88,9 +95,13 @@ def test_second_invocation_creates_no_child_runs(tiny_run, capsys):
 
 
 def test_failed_run_is_marked_and_others_finish(ray_local, tmp_path):
-    config = tiny_config(tmp_path, name="fails", seeds=[0],
-                         methods={"finetune": {}, "boom": {"method": "explode_on_task_1"}},
-                         plugins=["lia_test_plugin"])
+    config = tiny_config(
+        tmp_path,
+        name="fails",
+        seeds=[0],
+        methods={"finetune": {}, "boom": {"method": "explode_on_task_1"}},
+        plugins=["lia_test_plugin"],
+    )
     rc = main(["run", str(write_config(tmp_path, config)), "--no-progress"])
     assert rc == 1
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -106,8 +117,12 @@ def test_failed_run_is_marked_and_others_finish(ray_local, tmp_path):
 
 def test_report_writes_tables_and_plots(tiny_run, tmp_path):
     tmp, _, _ = tiny_run
-    written = write_report("tiny", tmp_path / "report", ["md", "csv", "latex"],
-                           tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    written = write_report(
+        "tiny",
+        tmp_path / "report",
+        ["md", "csv", "latex"],
+        tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+    )
     md = written["md"].read_text()
     assert "finetune" in md and "replay" in md and "ACC (%)" in md
     assert written["latex"].read_text().startswith(r"\begin{tabular}")
@@ -115,11 +130,23 @@ def test_report_writes_tables_and_plots(tiny_run, tmp_path):
         assert written[key].stat().st_size > 1000
     summary = written["csv"].read_text().splitlines()
     assert summary[0].startswith("label,method,n,ACC_mean")
-    assert main(["report", "tiny", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-                 "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "tiny",
+                "--tracking-uri",
+                f"sqlite:///{tmp}/mlflow.db",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "summary.md").exists()
-    assert main(["report", "no-such-experiment", "--tracking-uri",
-                 f"sqlite:///{tmp}/mlflow.db"]) == 2
+    assert (
+        main(["report", "no-such-experiment", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]) == 2
+    )
 
 
 def test_python_api_runs_and_loads(tiny_run, tmp_path):
