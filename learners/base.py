@@ -48,6 +48,10 @@ class TrainingStopped(RuntimeError):
     """learn() was asked to stop between batches; the task was not finished."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite during a task."""
+
+
 @dataclass
 class NoHParams:
     """Hyperparameters of a method that has none of its own."""
@@ -208,7 +212,9 @@ class Learner:
         x_all, y_all, t_all = self.training_data(task)
         n = int(y_all.shape[0])
         steps = 0
-        for _ in range(cfg.epochs):
+        # checked once per epoch, so the hot loop never waits on a device sync
+        nonfinite = torch.zeros((), dtype=torch.bool, device=x_all.device)
+        for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator).to(x_all.device)
             for start in range(0, n, cfg.batch_size):
                 if should_stop is not None and should_stop():
@@ -217,11 +223,18 @@ class Learner:
                 x, y, t = x_all[idx], y_all[idx], t_all[idx]
                 xb, yb, tb = self.augment_batch(x, y, t)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.loss(xb, yb, tb).backward()
+                loss = self.loss(xb, yb, tb)
+                nonfinite |= ~torch.isfinite(loss.detach())
+                loss.backward()
                 self.after_backward(xb, yb, tb)
                 self.optimizer.step()
                 self.after_step(x, y, t)
                 steps += 1
+            if bool(nonfinite):
+                raise TrainingDiverged(
+                    f"the loss became NaN/inf during task {task.name!r} (epoch {epoch + 1}); "
+                    f"lower train.lr (now {cfg.lr}) or the method's regularisation strength"
+                )
         self.model.eval()
         self.after_task(task)
         self.tasks_learned += 1

@@ -12,6 +12,11 @@ Fisher samples of the squared per-sample gradient of the negative log-likelihood
 −log softmax(f_θ(x))_y (task-incremental streams: softmax over the task's own output units
 only). It is not summed over samples and not multiplied by the dataset size, so λ plays the
 role of "number of samples the old task is worth"; papers report useful λ from 1 to 1e4.
+
+Stability: with plain SGD the penalty's curvature is λ·F, so a step size lr with
+lr·λ·max(F) > 2 diverges. On permuted MNIST with SGD lr 0.1 (the quickstart), λ = 10 helps
+(ACC 75.1% vs 72.3% for fine-tuning, seed 0) and λ ≥ 30 diverges; the training loop then
+stops the run with TrainingDiverged instead of reporting chance accuracy.
 ``fisher_type="empirical"`` uses the true labels y; ``"true"`` samples y from the model's own
 predictive distribution (the Fisher proper), with the learner's generator.
 
@@ -42,7 +47,7 @@ class EWCHParams:
     """Hyperparameters of EWC."""
 
     ewc_lambda: float = hp(
-        100.0,
+        10.0,
         help="penalty strength λ in (λ/2)·Σ F·(θ−θ*)², F the mean squared per-sample gradient",
         low=0.0,
         search=(1e-1, 1e5),

@@ -95,8 +95,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             row[f"{m}_ci95"] = _ci95(values)
-        failed = runs[(runs["label"] == label) & (runs["status"] == "FAILED")]
-        row["failed"] = len(failed)
+        row["failed"] = int((every["status"] == "FAILED").sum())
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -348,7 +348,9 @@ def test_mnist5k_streams_build_quickly():
     started = time.perf_counter()
     stream = build_stream(StreamConfig(name="permuted", num_tasks=5), seed=0)
     assert time.perf_counter() - started < 5.0
-    assert stream.input_shape == (1, 28, 28) and stream[4].num_train == 4000  # 0 = every training image
+    assert (
+        stream.input_shape == (1, 28, 28) and stream[4].num_train == 4000
+    )  # 0 = every training image
     for task in stream:
         assert not set(rows(task.x_test)) & set(rows(task.x_train))
 

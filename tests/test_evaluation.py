@@ -1,0 +1,126 @@
+"""Running learners over real (bundled) streams: R matrices, determinism, stop and divergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learners import (
+    ModelConfig,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingStopped,
+    build_learner,
+)
+from learners.evaluation import evaluate, iter_stream, run_stream
+from learners.metrics import compute_metrics
+from task_streams import StreamConfig, build_stream
+
+MODEL = ModelConfig(hidden=[64])
+
+
+def digits_split(scenario: str = "class"):
+    """Digits 0-4 then 5-9: two tasks with every image of their classes."""
+    return build_stream(
+        StreamConfig(
+            name="split", source="digits", num_tasks=2, classes_per_task=5, scenario=scenario
+        ),
+        seed=0,
+    )
+
+
+def test_finetune_forgets_and_joint_does_not_on_split_digits():
+    stream = digits_split("class")
+    train = TrainConfig(epochs=5, batch_size=16, optimizer="adam", lr=1e-3)
+    results = {}
+    for method in ("finetune", "joint"):
+        learner = build_learner(method, stream.info, model=MODEL, train=train, seed=0)
+        results[method] = run_stream(learner, stream)
+    finetune, joint = results["finetune"].R, results["joint"].R
+    # both learn task 0 first; fine-tuning then loses it, joint training keeps it
+    assert finetune[0][0] > 0.9 and joint[0][0] > 0.9
+    assert finetune[1][0] < 0.2
+    assert joint[1][0] > 0.85 and joint[1][1] > 0.85
+    m_ft = compute_metrics(results["finetune"], "class")
+    m_joint = compute_metrics(results["joint"], "class")
+    assert m_ft.forgetting > 0.7 and m_joint.forgetting < 0.1
+    assert m_ft.fwt is None and "class-incremental" in m_ft.undefined["FWT"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc", "replay", "joint"])
+def test_same_seed_gives_a_bit_identical_r_matrix(method):
+    stream = build_stream(
+        StreamConfig(
+            name="permuted", source="digits", num_tasks=3, train_per_task=300, test_per_task=200
+        ),
+        seed=3,
+    )
+    rows = []
+    for _ in range(2):
+        learner = build_learner(method, stream.info, model=MODEL, seed=3)
+        r = run_stream(learner, stream)
+        rows.append((r.random_init, r.R))
+    assert rows[0] == rows[1]
+    other = run_stream(build_learner(method, stream.info, model=MODEL, seed=4), stream)
+    assert (other.random_init, other.R) != rows[0]
+
+
+def test_iter_stream_events_and_resources():
+    stream = build_stream(
+        StreamConfig(
+            name="permuted", source="digits", num_tasks=2, train_per_task=100, test_per_task=50
+        ),
+        seed=0,
+    )
+    learner = build_learner("replay", stream.info, {"buffer_size": 40}, model=MODEL)
+    events = list(iter_stream(learner, stream))
+    assert [e["kind"] for e in events] == ["init", "task", "task"]
+    assert [e["task"] for e in events[1:]] == [0, 1]
+    last = events[-1]
+    assert last["steps"] == 10 and last["stored_samples"] == 40
+    assert last["model_parameters"] == 64 * 64 + 64 + 64 * 10 + 10
+    assert last["stored_bytes"] > 40 * 64 * 4 and last["peak_memory_bytes"] > 0
+    assert last["row"] == evaluate(learner, stream)
+
+
+def test_learn_stops_between_batches():
+    stream = build_stream(
+        StreamConfig(
+            name="permuted", source="digits", num_tasks=1, train_per_task=100, test_per_task=50
+        ),
+        seed=0,
+    )
+    learner = build_learner("finetune", stream.info, model=MODEL)
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(TrainingStopped, match="after 3 steps"):
+        learner.learn(stream[0], should_stop=stop_after_three)
+    assert learner.tasks_learned == 0
+
+
+def test_diverging_training_fails_loudly():
+    # an EWC penalty far too stiff for SGD's step size: lr * lambda * F >> 2
+    stream = build_stream(
+        StreamConfig(
+            name="permuted", source="digits", num_tasks=2, train_per_task=200, test_per_task=50
+        ),
+        seed=0,
+    )
+    learner = build_learner("ewc", stream.info, {"ewc_lambda": 1e6}, model=MODEL, seed=0)
+    learner.learn(stream[0])
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        learner.learn(stream[1])
+
+
+def test_task_incremental_predict_needs_the_task_id_and_masks_other_classes():
+    stream = digits_split("task")
+    learner = build_learner("finetune", stream.info, model=MODEL)
+    with pytest.raises(ValueError, match="task_id"):
+        learner.predict(stream[0].x_test)
+    predicted = learner.predict(stream[1].x_test, task_id=1)
+    assert set(predicted.unique().tolist()) <= set(stream[1].classes)
+    assert torch.equal(predicted, learner.predict(stream[1].x_test, task_id=1))
