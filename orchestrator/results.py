@@ -86,10 +86,10 @@ def _ci95(values: np.ndarray) -> float:
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per label: number of finished runs and mean / std / 95% CI half-width of each metric."""
-    ok = runs[runs["status"].isin(["FINISHED", "SKIPPED"])]
     rows = []
-    for label, group in ok.groupby("label", sort=False):
-        row: dict[str, Any] = {"label": label, "method": group["method"].iloc[0], "n": len(group)}
+    for label, every in runs.groupby("label", sort=False):
+        group = every[every["status"].isin(["FINISHED", "SKIPPED"])]
+        row: dict[str, Any] = {"label": label, "method": every["method"].iloc[0], "n": len(group)}
         for m in METRICS:
             values = group[m].dropna().to_numpy(dtype=float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
@@ -111,16 +111,13 @@ def _cell(mean: float, std: float, pct: bool = True) -> str:
 
 def table_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and string cells (accuracy in %, mean ± std over seeds) for display."""
-    header = ["method", "n", *[f"{m} (%)" for m in METRICS]]
+    any_failed = bool(summary["failed"].sum())
+    header = ["method", "n", *(["failed"] if any_failed else []), *[f"{m} (%)" for m in METRICS]]
     rows = []
     for _, s in summary.iterrows():
-        rows.append(
-            [
-                str(s["label"]),
-                str(int(s["n"])),
-                *[_cell(s[f"{m}_mean"], s[f"{m}_std"]) for m in METRICS],
-            ]
-        )
+        failed = [str(int(s["failed"]))] if any_failed else []
+        cells = [_cell(s[f"{m}_mean"], s[f"{m}_std"]) for m in METRICS]
+        rows.append([str(s["label"]), str(int(s["n"])), *failed, *cells])
     return header, rows
 
 

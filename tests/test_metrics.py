@@ -82,3 +82,54 @@ def test_shape_checks():
     with pytest.raises(ValueError, match="complete"):
         r.append([0.6])
     assert r.avg_acc_seen(0) == 0.5
+
+
+def test_summary_counts_failures_and_aggregates_over_seeds():
+    import math
+
+    import pandas as pd
+
+    from orchestrator.results import summarize, to_markdown
+
+    runs = pd.DataFrame(
+        [
+            {
+                "label": "a",
+                "method": "ewc",
+                "status": "FINISHED",
+                "ACC": 0.5,
+                "BWT": -0.1,
+                "FWT": 0.0,
+                "forgetting": 0.2,
+            },
+            {
+                "label": "a",
+                "method": "ewc",
+                "status": "SKIPPED",
+                "ACC": 0.7,
+                "BWT": -0.3,
+                "FWT": 0.0,
+                "forgetting": 0.4,
+            },
+            {
+                "label": "b",
+                "method": "replay",
+                "status": "FAILED",
+                "ACC": None,
+                "BWT": None,
+                "FWT": None,
+                "forgetting": None,
+            },
+        ]
+    )
+    summary = summarize(runs).set_index("label")
+    assert summary.loc["a", "n"] == 2 and summary.loc["a", "failed"] == 0
+    assert summary.loc["a", "ACC_mean"] == pytest.approx(0.6)
+    assert summary.loc["a", "ACC_std"] == pytest.approx(math.sqrt(0.02))
+    # t(0.975, 1) = 12.706: the 95% half-width of two samples is 12.706 * std / sqrt(2)
+    assert summary.loc["a", "ACC_ci95"] == pytest.approx(
+        12.7062 * math.sqrt(0.02) / math.sqrt(2), rel=1e-4
+    )
+    assert summary.loc["b", "n"] == 0 and summary.loc["b", "failed"] == 1
+    table = to_markdown(summary.reset_index())
+    assert "| a | 2 | 0 | 60.00 ± 14.14 |" in table and "| b | 0 | 1 | n/a |" in table
