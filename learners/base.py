@@ -212,8 +212,7 @@ class Learner:
         x_all, y_all, t_all = self.training_data(task)
         n = int(y_all.shape[0])
         steps = 0
-        # checked once per epoch, so the hot loop never waits on a device sync
-        nonfinite = torch.zeros((), dtype=torch.bool, device=x_all.device)
+        loss = None
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator).to(x_all.device)
             for start in range(0, n, cfg.batch_size):
@@ -224,13 +223,14 @@ class Learner:
                 xb, yb, tb = self.augment_batch(x, y, t)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss(xb, yb, tb)
-                nonfinite |= ~torch.isfinite(loss.detach())
                 loss.backward()
                 self.after_backward(xb, yb, tb)
                 self.optimizer.step()
                 self.after_step(x, y, t)
                 steps += 1
-            if bool(nonfinite):
+            # Once weights are NaN every later loss is too, so the epoch's last loss tells; one
+            # check per epoch keeps device syncs out of the hot loop.
+            if loss is not None and not bool(torch.isfinite(loss.detach())):
                 raise TrainingDiverged(
                     f"the loss became NaN/inf during task {task.name!r} (epoch {epoch + 1}); "
                     f"lower train.lr (now {cfg.lr}) or the method's regularisation strength"

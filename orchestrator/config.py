@@ -48,6 +48,8 @@ class TrackingConfig:
     """MLflow experiment name; null = the config's name"""
     artifact_location: str | None = None
     """artifact root for a new experiment; null = MLflow's default"""
+    flush_interval_s: float = 2.0
+    """per-task metrics of a run are written at most this often (and when it ends)"""
 
 
 @dataclass
@@ -230,6 +232,10 @@ def validate(config: ExperimentConfig) -> None:
         )
     if r.gpus_per_run is not None and r.gpus_per_run < 0:
         raise ConfigError(f"resources.gpus_per_run={r.gpus_per_run} must be >= 0")
+    if config.tracking.flush_interval_s < 0:
+        raise ConfigError(
+            f"tracking.flush_interval_s={config.tracking.flush_interval_s} must be >= 0"
+        )
     if r.max_concurrent_runs < 0:
         raise ConfigError(f"resources.max_concurrent_runs={r.max_concurrent_runs} must be >= 0")
 

@@ -179,7 +179,9 @@ def execute(
     console = console or Console(stderr=True)
     experiment = config.tracking.experiment or config.name
     uri = resolve_tracking_uri(config.tracking.uri)
-    tracker = Tracker(uri, experiment, config.tracking.artifact_location)
+    tracker = Tracker(
+        uri, experiment, config.tracking.artifact_location, config.tracking.flush_interval_s
+    )
     runs = expand_runs(config)
     finished = tracker.finished_runs()
     pending = [s for s in runs if s.run_key not in finished]
@@ -269,60 +271,68 @@ def _run_all(
     live: dict[Any, _Live] = {}
     results: list[RunResult] = []
     view = _ProgressView(console, len(pending) * config.stream.num_tasks, show_progress)
-    with view.progress:
-        while queue or live:
-            while idle and queue:
-                spec = queue.popleft()
-                actor = idle.pop()
-                run_id = tracker.start_child(spec, parent_id)
-                generator = actor.run.remote(spec.resolved, list(config.plugins))
-                live[generator] = _Live(spec, actor, run_id, time.perf_counter())
-            counts["running"] = len(live)
-            view.update(counts)
-            ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)
-            for generator in ready:
-                state = live[generator]
-                try:
-                    event = ray.get(next(generator))
-                except StopIteration:
-                    del live[generator]
-                    idle.append(state.actor)
-                    results.append(_finish(tracker, state, console))
-                    counts["done"] += 1
-                except Exception as err:  # a learner raised, or the actor died
-                    del live[generator]
-                    error = format_error(err)
-                    tracker.fail_child(state.run_id, error)
-                    results.append(
-                        RunResult(
-                            state.spec.run_key,
-                            state.spec.label,
-                            state.spec.method,
-                            state.spec.seed,
-                            state.spec.order_index,
-                            "FAILED",
-                            state.run_id,
-                            scenario=state.scenario,
-                            r=state.r,
-                            error=error,
-                        )
-                    )
-                    counts["failed"] += 1
-                    last_line = str(err).strip().splitlines()[-1][:300]
-                    console.print(f"[red]run {state.spec.run_name} failed:[/] {escape(last_line)}")
-                    # the failed run's unfinished tasks leave the ETA's total
-                    not_done = config.stream.num_tasks - (len(state.r.R) if state.r else 0)
-                    view.shrink(not_done)
-                    if isinstance(err, ray.exceptions.RayActorError):
-                        idle.append(new_actor())
-                    else:
+    try:
+        with view.progress:
+            while queue or live:
+                while idle and queue:
+                    spec = queue.popleft()
+                    actor = idle.pop()
+                    run_id = tracker.start_child(spec, parent_id)
+                    generator = actor.run.remote(spec.resolved, list(config.plugins))
+                    live[generator] = _Live(spec, actor, run_id, time.perf_counter())
+                counts["running"] = len(live)
+                view.update(counts)
+                ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)
+                for generator in ready:
+                    state = live[generator]
+                    try:
+                        event = ray.get(next(generator))
+                    except StopIteration:
+                        del live[generator]
                         idle.append(state.actor)
-                else:
-                    if _handle(tracker, state, event):
-                        view.update(counts, advance=1)
-        counts["running"] = 0
-        view.update(counts)
+                        results.append(_finish(tracker, state, console))
+                        counts["done"] += 1
+                    except Exception as err:  # a learner raised, or the actor died
+                        del live[generator]
+                        results.append(_fail(tracker, state, err, console))
+                        counts["failed"] += 1
+                        # the failed run's unfinished tasks leave the ETA's total
+                        view.shrink(config.stream.num_tasks - (len(state.r.R) if state.r else 0))
+                        dead = isinstance(err, ray.exceptions.RayActorError)
+                        idle.append(new_actor() if dead else state.actor)
+                    else:
+                        if _handle(tracker, state, event):
+                            view.update(counts, advance=1)
+            counts["running"] = 0
+            view.update(counts)
+    except BaseException:
+        # interrupted (Ctrl-C) or the driver failed: stop the actors, keep what was logged
+        for state in live.values():
+            state.actor.stop.remote()
+            tracker.fail_child(state.run_id, "the driver was interrupted", status="KILLED")
+        raise
     return results
+
+
+def _fail(tracker: Tracker, state: _Live, err: BaseException, console: Console) -> RunResult:
+    """Mark a run FAILED in MLflow and report it."""
+    error = format_error(err)
+    tracker.fail_child(state.run_id, error)
+    last_line = str(err).strip().splitlines()[-1][:300]
+    console.print(f"[red]run {state.spec.run_name} failed:[/] {escape(last_line)}")
+    spec = state.spec
+    return RunResult(
+        spec.run_key,
+        spec.label,
+        spec.method,
+        spec.seed,
+        spec.order_index,
+        "FAILED",
+        state.run_id,
+        scenario=state.scenario,
+        r=state.r,
+        error=error,
+    )
 
 
 def _handle(tracker: Tracker, state: _Live, event: dict[str, Any]) -> bool:

@@ -61,9 +61,20 @@ def _now_ms() -> int:
 class Tracker:
     """The driver's MLflow writer for one experiment."""
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        flush_interval_s: float = 2.0,
+    ):
         check_reachable(uri)
         self.uri = uri
+        # per-task rows are buffered per run and written at most every flush_interval_s
+        # (and always when the run ends), so fast runs do not turn into a write per task
+        self.flush_interval_s = flush_interval_s
+        self._buffer: dict[str, list[Metric]] = {}
+        self._last_flush: dict[str, float] = {}
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -149,12 +160,27 @@ class Tracker:
         ):
             if key in event:
                 metrics.append(Metric(f"task_{key}", float(event[key]), ts, i))
-        self._log_metrics(run_id, metrics)
+        self._buffer.setdefault(run_id, []).extend(metrics)
+        if time.monotonic() - self._last_flush.get(run_id, 0.0) >= self.flush_interval_s:
+            self.flush(run_id)
+
+    def flush_all(self) -> None:
+        """Write every run's buffered metrics."""
+        for run_id in list(self._buffer):
+            self.flush(run_id)
+
+    def flush(self, run_id: str) -> None:
+        """Write the buffered per-task metrics of ``run_id``."""
+        self._last_flush[run_id] = time.monotonic()
+        pending = self._buffer.pop(run_id, [])
+        if pending:
+            self._log_metrics(run_id, pending)
 
     def finish_child(
         self, run_id: str, r: RMatrix, metrics: Metrics, totals: dict[str, float]
     ) -> None:
         """Final metrics, the R-matrix artifacts and FINISHED status."""
+        self.flush(run_id)
         ts = _now_ms()
         step = r.num_tasks - 1
         final = [Metric(k, v, ts, step) for k, v in metrics.as_dict().items() if v is not None]
@@ -178,6 +204,7 @@ class Tracker:
 
     def fail_child(self, run_id: str, error: str, status: str = "FAILED") -> None:
         """Mark a run FAILED (or KILLED) with its error text as ``error.txt``."""
+        self.flush(run_id)
         self.client.log_text(run_id, error, "error.txt")
         self.client.set_tag(
             run_id, "error", error.strip().splitlines()[-1][:500] if error else "unknown"
