@@ -74,6 +74,7 @@ class _Live:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def code_version() -> str:
@@ -344,6 +345,9 @@ def _handle(tracker: Tracker, state: _Live, event: dict[str, Any]) -> bool:
         tracker.log_start(state.run_id, event)
         return False
     assert state.r is not None
+    if kind == "artifacts":
+        state.files.update(event["files"])
+        return False
     if kind == "init":
         state.r = RMatrix(state.r.tasks, event["row"])
         tracker.log_init_row(state.run_id, event["row"])
@@ -375,7 +379,7 @@ def _finish(tracker: Tracker, state: _Live, console: Console) -> RunResult:
     ):
         if key in state.last:
             totals[key] = float(state.last[key])
-    tracker.finish_child(state.run_id, state.r, metrics, totals)
+    tracker.finish_child(state.run_id, state.r, metrics, totals, state.files)
     values = metrics.as_dict()
     console.print(
         f"run {spec.run_name} finished: ACC {100 * metrics.acc:.2f}%"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -10,6 +11,8 @@ import traceback
 from typing import Any
 
 import ray
+
+from learners.metrics import RMatrix
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,24 @@ class StreamRunner:
             "setup_time_s": time.perf_counter() - started,
             **self.info(),
         }
-        yield from iter_stream(learner, stream, should_stop=self._stop.is_set)
+        r = None
+        for event in iter_stream(learner, stream, should_stop=self._stop.is_set):
+            if event["kind"] == "init":
+                r = RMatrix([t.name for t in stream], event["row"])
+            else:
+                r.append(event["row"])
+            yield event
+        # rendering here keeps the driver (the single MLflow writer) free for other runs
+        yield {"kind": "artifacts", "files": {"r_matrix.png": heatmap_png(r)}}
+
+
+def heatmap_png(r: RMatrix) -> bytes:
+    """The annotated R-matrix heatmap as PNG bytes."""
+    from orchestrator import plots
+
+    buffer = io.BytesIO()
+    plots.r_heatmap(r.R, r.tasks, r.random_init, buffer, title="R matrix")
+    return buffer.getvalue()
 
 
 def make_runner_class(cpus_per_run: float, gpus_per_run: float):

@@ -177,7 +177,12 @@ class Tracker:
             self._log_metrics(run_id, pending)
 
     def finish_child(
-        self, run_id: str, r: RMatrix, metrics: Metrics, totals: dict[str, float]
+        self,
+        run_id: str,
+        r: RMatrix,
+        metrics: Metrics,
+        totals: dict[str, float],
+        files: dict[str, bytes] | None = None,
     ) -> None:
         """Final metrics, the R-matrix artifacts and FINISHED status."""
         self.flush(run_id)
@@ -196,9 +201,12 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "r_matrix.json").write_text(r.to_json())
             (Path(tmp) / "r_matrix.csv").write_text(r.to_csv())
-            plots.r_heatmap(
-                r.R, r.tasks, r.random_init, Path(tmp) / "r_matrix.png", title="R matrix"
-            )
+            for name, content in (files or {}).items():
+                (Path(tmp) / name).write_bytes(content)
+            if not (Path(tmp) / "r_matrix.png").exists():
+                plots.r_heatmap(
+                    r.R, r.tasks, r.random_init, Path(tmp) / "r_matrix.png", title="R matrix"
+                )
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, "FINISHED")
 
