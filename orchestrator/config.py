@@ -223,15 +223,12 @@ def validate(config: ExperimentConfig) -> None:
     r = config.resources
     if r.cpus_per_run <= 0:
         raise ConfigError(f"resources.cpus_per_run={r.cpus_per_run} must be > 0")
-    if r.gpus_per_run is not None and not (
-        r.gpus_per_run == 0 or 0 < r.gpus_per_run <= 1 or float(r.gpus_per_run).is_integer()
-    ):
+    # a run trains on one device: a whole GPU or a share of one
+    if r.gpus_per_run is not None and not 0 <= r.gpus_per_run <= 1:
         raise ConfigError(
-            f"resources.gpus_per_run={r.gpus_per_run} is not accepted; expected "
-            "0, a fraction in (0, 1] such as 0.5 or 0.25, or a whole number"
+            f"resources.gpus_per_run={r.gpus_per_run} is not accepted; expected 0 (CPU), "
+            "1, or a fraction such as 0.5 or 0.25 to pack several runs on one GPU"
         )
-    if r.gpus_per_run is not None and r.gpus_per_run < 0:
-        raise ConfigError(f"resources.gpus_per_run={r.gpus_per_run} must be >= 0")
     if config.tracking.flush_interval_s < 0:
         raise ConfigError(
             f"tracking.flush_interval_s={config.tracking.flush_interval_s} must be >= 0"

@@ -27,6 +27,10 @@ def pick_device(gpu_ids: list[Any]) -> str:
 
     if gpu_ids and torch.cuda.is_available():
         return "cuda:0"
+    if gpu_ids:
+        log.warning(
+            "Ray assigned GPU %s but torch sees no CUDA device; running on the CPU", gpu_ids
+        )
     return "cpu"
 
 
