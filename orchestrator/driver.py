@@ -61,6 +61,8 @@ class ExperimentResult:
     runs: pd.DataFrame
     summary: pd.DataFrame
     counts: dict[str, int] = field(default_factory=dict)
+    arrivals: list[tuple[float, str, str, int | None]] = field(default_factory=list)
+    """every event as the driver received it: (seconds since start, run name, kind, task)"""
 
 
 @dataclass
@@ -208,12 +210,15 @@ def execute(
         for result in results:
             result.r = matrices[result.mlflow_run_id]
     counts = {"done": 0, "running": 0, "failed": 0, "skipped": len(skipped)}
+    arrivals: list[tuple[float, str, str, int | None]] = []
     started_ray = False
     status = "FINISHED"
     try:
         if pending:
             started_ray = ensure_ray(config.ray)
-            results += _run_all(config, tracker, parent_id, pending, counts, console, progress)
+            results += _run_all(
+                config, tracker, parent_id, pending, counts, console, progress, arrivals
+            )
     except BaseException:
         status = "KILLED"
         raise
@@ -226,7 +231,7 @@ def execute(
             parent_id, _parent_artifacts(frame, summary, config.name), status=status
         )
     counts["running"] = 0
-    return ExperimentResult(experiment, uri, parent_id, frame, summary, counts)
+    return ExperimentResult(experiment, uri, parent_id, frame, summary, counts, arrivals)
 
 
 def _skipped_result(spec: RunSpec, run: Any) -> RunResult:
@@ -253,6 +258,7 @@ def _run_all(
     counts: dict[str, int],
     console: Console,
     show_progress: bool,
+    arrivals: list[tuple[float, str, str, int | None]],
 ) -> list[RunResult]:
     n_actors, cpus, gpus = plan_actors(config.resources, len(pending))
     runner_cls = make_runner_class(cpus, gpus)
@@ -267,6 +273,7 @@ def _run_all(
     console.print(
         f"{len(pending)} runs on {n_actors} actors · {cpus:g} CPU + {device_text} per run"
     )
+    started = time.perf_counter()
     idle = [new_actor() for _ in range(n_actors)]
     queue = deque(pending)
     live: dict[Any, _Live] = {}
@@ -302,6 +309,14 @@ def _run_all(
                         dead = isinstance(err, ray.exceptions.RayActorError)
                         idle.append(new_actor() if dead else state.actor)
                     else:
+                        arrivals.append(
+                            (
+                                time.perf_counter() - started,
+                                state.spec.run_name,
+                                event["kind"],
+                                event.get("task"),
+                            )
+                        )
                         if _handle(tracker, state, event):
                             view.update(counts, advance=1)
             counts["running"] = 0

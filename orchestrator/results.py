@@ -109,22 +109,29 @@ def _cell(mean: float, std: float, pct: bool = True) -> str:
     return f"{mean * scale:.2f} ± {std * scale:.2f}"
 
 
-def table_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells (accuracy in %, mean ± std over seeds) for display."""
+def table_rows(summary: pd.DataFrame, spread: str = "std") -> tuple[list[str], list[list[str]]]:
+    """Header and string cells in %: mean ± std over seeds, or mean ± 95% CI (``spread="ci95"``)."""
     any_failed = bool(summary["failed"].sum())
     header = ["method", "n", *(["failed"] if any_failed else []), *[f"{m} (%)" for m in METRICS]]
     rows = []
     for _, s in summary.iterrows():
         failed = [str(int(s["failed"]))] if any_failed else []
-        cells = [_cell(s[f"{m}_mean"], s[f"{m}_std"]) for m in METRICS]
+        cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"]) for m in METRICS]
         rows.append([str(s["label"]), str(int(s["n"])), *failed, *cells])
     return header, rows
 
 
-def to_markdown(summary: pd.DataFrame) -> str:
-    header, rows = table_rows(summary)
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    """Mean ± std over seeds, then mean ± half-width of the 95% t-interval of the mean."""
+    lines = ["Mean ± standard deviation over seeds (accuracy points, %):", ""]
+    lines += _markdown_table(*table_rows(summary, "std"))
+    lines += ["", "Mean ± half-width of the 95% confidence interval (Student t, n − 1 dof):", ""]
+    lines += _markdown_table(*table_rows(summary, "ci95"))
     return "\n".join(lines) + "\n"
 
 

@@ -124,3 +124,26 @@ def test_task_incremental_predict_needs_the_task_id_and_masks_other_classes():
     predicted = learner.predict(stream[1].x_test, task_id=1)
     assert set(predicted.unique().tolist()) <= set(stream[1].classes)
     assert torch.equal(predicted, learner.predict(stream[1].x_test, task_id=1))
+
+
+def test_cnn_backbone_learns_a_task():
+    stream = build_stream(StreamConfig(name="permuted", source="digits", num_tasks=1), seed=0)
+    model = ModelConfig(backbone="cnn", cnn_channels=[8, 16], cnn_fc=32)
+    learner = build_learner(
+        "finetune",
+        stream.info,
+        model=model,
+        train=TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=3e-3),
+    )
+    assert learner.model(stream[0].x_test[:4]).shape == (4, 10)
+    before = evaluate(learner, stream)[0]
+    learner.learn(stream[0])
+    assert evaluate(learner, stream)[0] > max(0.8, before + 0.5)
+
+
+def test_cnn_that_pools_below_one_pixel_is_refused():
+    stream = build_stream(StreamConfig(name="permuted", source="digits", num_tasks=1), seed=0)
+    with pytest.raises(ValueError, match="cnn_channels"):
+        build_learner(
+            "finetune", stream.info, model=ModelConfig(backbone="cnn", cnn_channels=[4, 4, 4, 4])
+        )

@@ -133,3 +133,4 @@ def test_summary_counts_failures_and_aggregates_over_seeds():
     assert summary.loc["b", "n"] == 0 and summary.loc["b", "failed"] == 1
     table = to_markdown(summary.reset_index())
     assert "| a | 2 | 0 | 60.00 ± 14.14 |" in table and "| b | 0 | 1 | n/a |" in table
+    assert "| a | 2 | 0 | 60.00 ± 127.06 |" in table  # the 95% interval table

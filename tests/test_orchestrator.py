@@ -161,3 +161,41 @@ def test_python_api_runs_and_loads(tiny_run, tmp_path):
     original = runs[(runs.label == "finetune") & (runs.seed == 0)].iloc[0]
     assert fresh.iloc[0]["R"] == original["R"]
     assert fresh.iloc[0]["ACC"] == original["ACC"]
+
+
+def test_rows_of_concurrent_runs_arrive_interleaved_and_live(ray_local, tmp_path):
+    from orchestrator.config import load_config
+    from orchestrator.driver import execute
+
+    config = tiny_config(tmp_path, name="live", methods={"finetune": {}}, seeds=[0, 1])
+    config["stream"]["num_tasks"] = 6
+    config["train"]["epochs"] = 60  # ~2 s a run: longer than the actors' start-up skew
+    result = execute(load_config(config), progress=False)
+    tasks = [(name, task) for _, name, kind, task in result.arrivals if kind == "task"]
+    assert len(tasks) == 12
+    names = [name for name, _ in tasks]
+    # both runs ran at once on the two actors: each one's rows arrive before the other ends
+    first_end = {n: max(i for i, m in enumerate(names) if m == n) for n in set(names)}
+    first_start = {n: min(i for i, m in enumerate(names) if m == n) for n in set(names)}
+    a, b = sorted(first_end)
+    assert first_start[b] < first_end[a] and first_start[a] < first_end[b]
+    # and each run's rows arrive in task order, one per finished task
+    for n in (a, b):
+        assert [t for m, t in tasks if m == n] == list(range(6))
+
+
+def test_class_incremental_runs_leave_fwt_out_with_a_reason(ray_local, tmp_path):
+    config = tiny_config(tmp_path, name="class-il", methods={"finetune": {}}, seeds=[0])
+    config["stream"] = {
+        "name": "split",
+        "source": "digits",
+        "num_tasks": 2,
+        "classes_per_task": 5,
+        "scenario": "class",
+    }
+    assert main(["run", str(write_config(tmp_path, config)), "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    (child,) = _runs(client, "class-il", "run")
+    assert "FWT" not in child.data.metrics and "BWT" in child.data.metrics
+    assert "class-incremental" in child.data.tags["undefined.FWT"]
+    assert child.data.tags["scenario"] == "class"
