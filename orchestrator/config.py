@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from learners import ConfigError, ModelConfig, TrainConfig, learner_class
 from learners.hparams import as_dict, build_dataclass, check_ranges
-from task_streams import StreamConfig, validate_stream_config
+from task_streams import StreamConfig, build_stream, validate_stream_config
 
 RUN_KEY_VERSION = 1
 
@@ -212,9 +212,12 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"seeds={list(config.seeds)} has duplicates")
     try:
         stream = validate_stream_config(config.stream)
-        for _k, order in enumerate(config.task_orders or []):
+        for order in config.task_orders or []:
             validate_stream_config(dataclasses.replace(stream, task_order=list(order)))
-    except (ValueError, TypeError) as err:
+        # Building it once here catches missing or malformed data files and sample counts the
+        # data cannot supply, before any actor starts (milliseconds for the bundled sources).
+        build_stream(stream, seed=int(config.seeds[0]))
+    except (ValueError, TypeError, OSError) as err:
         raise ConfigError(
             str(err) if str(err).startswith("stream.") else f"stream: {err}"
         ) from None

@@ -95,3 +95,14 @@ def test_labels_pick_methods(tmp_path):
     runs = expand_runs(config)
     assert {r.method for r in runs} == {"ewc"}
     assert {r.resolved["hparams"]["ewc_lambda"] for r in runs} == {1.0, 1e4}
+
+
+def test_missing_or_short_user_data_fails_before_ray(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    missing = ["stream.source=npz", f"stream.path={tmp_path}/absent.npz"]
+    assert main(["run", str(path), *missing]) == 2
+    assert "stream.path=" in capsys.readouterr().err
+    # more samples per task than the data holds (found by building the stream once)
+    assert main(["run", str(path), "stream.train_per_task=100000"]) == 2
+    assert "stream.train_per_task=100000" in " ".join(capsys.readouterr().err.split())
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
