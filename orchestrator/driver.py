@@ -235,18 +235,14 @@ def execute(
 
 
 def _skipped_result(spec: RunSpec, run: Any) -> RunResult:
-    metrics = {m: run.data.metrics.get(m) for m in METRICS}
-    return RunResult(
-        spec.run_key,
-        spec.label,
-        spec.method,
-        spec.seed,
-        spec.order_index,
+    metrics = run.data.metrics
+    return _result(
+        spec,
         "SKIPPED",
         run.info.run_id,
         scenario=run.data.tags.get("scenario"),
-        metrics=metrics,
-        train_time_s=run.data.metrics.get("train_time_s"),
+        metrics={m: metrics.get(m) for m in METRICS},
+        train_time_s=metrics.get("train_time_s"),
     )
 
 
@@ -336,18 +332,8 @@ def _fail(tracker: Tracker, state: _Live, err: BaseException, console: Console) 
     tracker.fail_child(state.run_id, error)
     last_line = str(err).strip().splitlines()[-1][:300]
     console.print(f"[red]run {state.spec.run_name} failed:[/] {escape(last_line)}")
-    spec = state.spec
-    return RunResult(
-        spec.run_key,
-        spec.label,
-        spec.method,
-        spec.seed,
-        spec.order_index,
-        "FAILED",
-        state.run_id,
-        scenario=state.scenario,
-        r=state.r,
-        error=error,
+    return _result(
+        state.spec, "FAILED", state.run_id, scenario=state.scenario, r=state.r, error=error
     )
 
 
@@ -400,18 +386,28 @@ def _finish(tracker: Tracker, state: _Live, console: Console) -> RunResult:
         f"run {spec.run_name} finished: ACC {100 * metrics.acc:.2f}%"
         + (f" BWT {100 * metrics.bwt:+.2f}" if metrics.bwt is not None else "")
     )
-    return RunResult(
-        spec.run_key,
-        spec.label,
-        spec.method,
-        spec.seed,
-        spec.order_index,
+    return _result(
+        spec,
         "FINISHED",
         state.run_id,
         scenario=state.scenario,
         r=state.r,
         metrics=values,
         train_time_s=state.train_time_s,
+    )
+
+
+def _result(spec: RunSpec, status: str, run_id: str, **details: Any) -> RunResult:
+    """A RunResult for ``spec``: identity from the spec, the rest from ``details``."""
+    return RunResult(
+        spec.run_key,
+        spec.label,
+        spec.method,
+        spec.seed,
+        spec.order_index,
+        status,
+        run_id,
+        **details,
     )
 
 
