@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup quickstart test test-slow lint clean-results
+.PHONY: setup quickstart test lint clean-results
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,6 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/pytest -q
 
-test-slow: setup
-	$(VENV)/bin/pytest -q -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
