@@ -14,7 +14,7 @@ only). It is not summed over samples and not multiplied by the dataset size, so 
 role of "number of samples the old task is worth"; papers report useful λ from 1 to 1e4.
 
 Stability: with plain SGD the penalty's curvature is λ·F, so a step size lr with
-lr·λ·max(F) > 2 diverges. On permuted MNIST with SGD lr 0.1 (the quickstart), λ = 10 helps
+lr·λ·max(F) > 2 diverges. On permuted MNIST with SGD lr 0.1 (the GEM protocol), λ = 10 helps
 (ACC 75.1% vs 72.3% for fine-tuning, seed 0) and λ ≥ 30 diverges; the training loop then
 stops the run with TrainingDiverged instead of reporting chance accuracy.
 ``fisher_type="empirical"`` uses the true labels y; ``"true"`` samples y from the model's own

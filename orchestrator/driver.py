@@ -32,6 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from learners import ConfigError
 from learners.metrics import RMatrix, compute_metrics
 from orchestrator import plots
 from orchestrator.config import ExperimentConfig, RayConfig, RunSpec, expand_runs, to_yaml
@@ -130,7 +131,7 @@ def plan_actors(resources: Any, pending: int) -> tuple[int, float, float]:
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     if gpus > cluster.get("GPU", 0) + 1e-9:
-        raise RuntimeError(
+        raise ConfigError(
             f"resources.gpus_per_run={gpus} but the Ray cluster has {cluster.get('GPU', 0)} GPUs"
         )
     slots = math.floor(cluster.get("CPU", 1) / cpus + 1e-9)
@@ -139,9 +140,9 @@ def plan_actors(resources: Any, pending: int) -> tuple[int, float, float]:
     if resources.max_concurrent_runs:
         slots = min(slots, resources.max_concurrent_runs)
     if slots < 1:
-        raise RuntimeError(
-            f"the Ray cluster ({cluster.get('CPU', 0)} CPUs) cannot fit one run "
-            f"of resources.cpus_per_run={cpus}"
+        raise ConfigError(
+            f"resources.cpus_per_run={cpus:g} does not fit the Ray cluster "
+            f"({cluster.get('CPU', 0):g} CPUs); accepted: at most {cluster.get('CPU', 0):g}"
         )
     return max(1, min(slots, pending)), cpus, gpus
 
@@ -194,6 +195,16 @@ def execute(
             f"[yellow]{len(skipped)} of {len(runs)} runs already finished in MLflow "
             f"experiment {experiment!r}: skipped[/]"
         )
+    started_ray = False
+    plan = None
+    if pending:
+        started_ray = ensure_ray(config.ray)
+        try:  # a resource request the cluster cannot meet fails before anything is logged
+            plan = plan_actors(config.resources, len(pending))
+        except ConfigError:
+            if started_ray:
+                ray.shutdown()
+            raise
     parent_id = tracker.start_parent(
         f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         to_yaml(config),
@@ -211,13 +222,11 @@ def execute(
             result.r = matrices[result.mlflow_run_id]
     counts = {"done": 0, "running": 0, "failed": 0, "skipped": len(skipped)}
     arrivals: list[tuple[float, str, str, int | None]] = []
-    started_ray = False
     status = "FINISHED"
     try:
-        if pending:
-            started_ray = ensure_ray(config.ray)
+        if plan is not None:
             results += _run_all(
-                config, tracker, parent_id, pending, counts, console, progress, arrivals
+                config, tracker, parent_id, pending, plan, counts, console, progress, arrivals
             )
     except BaseException:
         status = "KILLED"
@@ -251,12 +260,13 @@ def _run_all(
     tracker: Tracker,
     parent_id: str,
     pending: list[RunSpec],
+    plan: tuple[int, float, float],
     counts: dict[str, int],
     console: Console,
     show_progress: bool,
     arrivals: list[tuple[float, str, str, int | None]],
 ) -> list[RunResult]:
-    n_actors, cpus, gpus = plan_actors(config.resources, len(pending))
+    n_actors, cpus, gpus = plan
     runner_cls = make_runner_class(cpus, gpus)
     fraction = gpus if 0 < gpus < 1 else None
 

@@ -89,3 +89,10 @@ def test_stop_ends_a_running_run_between_batches(logical_gpus, tmp_path):
     events = [ray.get(ref) for ref in runner.run.remote(resolved)]
     assert [e["kind"] for e in events] == ["start", "init", "task", "task", "artifacts"]
     ray.kill(runner)
+
+
+def test_requests_the_cluster_cannot_meet_are_config_errors(logical_gpus):
+    from learners import ConfigError
+
+    with pytest.raises(ConfigError, match="resources.cpus_per_run=4 does not fit"):
+        plan_actors(ResourcesConfig(cpus_per_run=4), 3)
