@@ -22,6 +22,17 @@ class ExplodeOnTask1(FineTune):
     def before_task(self, task):
         if task.id == 1:
             raise RuntimeError("boom on task 1")
+
+
+@register("die_on_task_1")
+class DieOnTask1(FineTune):
+    """Fine-tuning whose worker process dies (as in an OOM kill) when it reaches task 1."""
+
+    def before_task(self, task):
+        if task.id == 1:
+            import os
+
+            os._exit(1)
 '''
 
 
