@@ -169,7 +169,7 @@ def test_rows_of_concurrent_runs_arrive_interleaved_and_live(ray_local, tmp_path
 
     config = tiny_config(tmp_path, name="live", methods={"finetune": {}}, seeds=[0, 1])
     config["stream"]["num_tasks"] = 6
-    config["train"]["epochs"] = 60  # ~2 s a run: longer than the actors' start-up skew
+    config["train"]["epochs"] = 200  # ~3 s a run, far longer than the actors' start-up skew
     result = execute(load_config(config), progress=False)
     tasks = [(name, task) for _, name, kind, task in result.arrivals if kind == "task"]
     assert len(tasks) == 12
