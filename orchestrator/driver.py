@@ -7,11 +7,11 @@ arrive interleaved, as they are produced.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import subprocess
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -431,9 +431,9 @@ def _parent_artifacts(runs: pd.DataFrame, summary: pd.DataFrame, name: str) -> d
     artifacts["summary.md"] = to_markdown(summary)
     curves = {k: v for k, v in avg_acc_curves(runs).items() if v.size}
     if curves:
-        path = Path(tempfile.mkdtemp()) / "comparison.png"
-        plots.accuracy_curves(curves, path, title=f"{name}: average accuracy on tasks seen")
-        artifacts["comparison.png"] = path
+        png = io.BytesIO()
+        plots.accuracy_curves(curves, png, title=f"{name}: average accuracy on tasks seen")
+        artifacts["comparison.png"] = png.getvalue()
     return artifacts
 
 

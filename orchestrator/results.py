@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from learners.metrics import Metrics, RMatrix
+from learners.metrics import RMatrix
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 RUN_COLUMNS = (
@@ -66,10 +66,6 @@ class RunResult:
             "R": self.r.R if self.r else None,
             "error": self.error,
         }
-
-
-def metrics_dict(metrics: Metrics) -> dict[str, float | None]:
-    return metrics.as_dict()
 
 
 def runs_frame(results: list[RunResult]) -> pd.DataFrame:

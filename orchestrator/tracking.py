@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from learners import ConfigError
@@ -99,7 +99,7 @@ class Tracker:
         return run.info.run_id
 
     def finish_parent(
-        self, run_id: str, artifacts: dict[str, str | bytes | Path], status: str = "FINISHED"
+        self, run_id: str, artifacts: dict[str, str | bytes], status: str = "FINISHED"
     ) -> None:
         for name, content in artifacts.items():
             self._log_file(run_id, name, content)
@@ -224,10 +224,8 @@ class Tracker:
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
-    def _log_file(self, run_id: str, name: str, content: str | bytes | Path) -> None:
-        if isinstance(content, Path):
-            self.client.log_artifact(run_id, str(content))
-        elif isinstance(content, bytes):
+    def _log_file(self, run_id: str, name: str, content: str | bytes) -> None:
+        if isinstance(content, bytes):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / name
                 path.write_bytes(content)
@@ -267,11 +265,10 @@ def load_r_matrices(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, R
             return RMatrix.from_dict(json.loads(Path(path).read_text()))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(run_ids, pool.map(fetch, run_ids), strict=False))
+        return dict(zip(run_ids, pool.map(fetch, run_ids), strict=True))
 
 
 __all__ = [
-    "RunStatus",
     "Tracker",
     "check_reachable",
     "finished_child_runs",
