@@ -79,7 +79,10 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location
+                experiment,
+                artifact_location=artifact_location,
+                # the MLflow 3 UI then opens on runs and charts, not on GenAI traces
+                tags={"mlflow.experimentKind": "custom_model_development"},
             )
         else:
             self.experiment_id = found.experiment_id
