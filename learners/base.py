@@ -95,6 +95,7 @@ def _rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -112,6 +113,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class Learner:

@@ -65,6 +65,15 @@ class RayConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where runs keep the state needed to resume after their last finished task."""
+
+    dir: str | None = "checkpoints"
+    """folder (relative to the working directory, or absolute; shared by all nodes on a
+    cluster); null disables checkpoints"""
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: methods × seeds × task orders on one stream."""
 
@@ -84,6 +93,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class _Live:
     eval_time_s: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    resumed_from: int | None = None
 
 
 def code_version() -> str:
@@ -279,6 +280,11 @@ def _run_all(
     console.print(
         f"{len(pending)} runs on {n_actors} actors · {cpus:g} CPU + {device_text} per run"
     )
+    # absolute, so every actor writes where the driver means whatever its working directory
+    checkpoint_dir = (
+        str(Path(config.checkpoints.dir).expanduser().resolve()) if config.checkpoints.dir else None
+    )
+    cleanups: list[Any] = []
     started = time.perf_counter()
     idle = [new_actor() for _ in range(n_actors)]
     queue = deque(pending)
@@ -292,7 +298,9 @@ def _run_all(
                     spec = queue.popleft()
                     actor = idle.pop()
                     run_id = tracker.start_child(spec, parent_id)
-                    generator = actor.run.remote(spec.resolved, list(config.plugins))
+                    generator = actor.run.remote(
+                        spec.resolved, list(config.plugins), spec.run_key, checkpoint_dir
+                    )
                     live[generator] = _Live(spec, actor, run_id, time.perf_counter())
                 counts["running"] = len(live)
                 view.update(counts)
@@ -305,6 +313,10 @@ def _run_all(
                         del live[generator]
                         idle.append(state.actor)
                         results.append(_finish(tracker, state, console))
+                        if checkpoint_dir is not None:  # the results are in MLflow now
+                            cleanups.append(
+                                state.actor.forget.remote(checkpoint_dir, state.spec.run_key)
+                            )
                         counts["done"] += 1
                     except Exception as err:  # a learner raised, or the actor died
                         del live[generator]
@@ -327,6 +339,7 @@ def _run_all(
                             view.update(counts, advance=1)
             counts["running"] = 0
             view.update(counts)
+        ray.wait(cleanups, num_returns=len(cleanups), timeout=30)
     except BaseException:
         # interrupted (Ctrl-C) or the driver failed: stop the actors, keep what was logged
         for state in live.values():
@@ -351,6 +364,8 @@ def _handle(tracker: Tracker, state: _Live, event: dict[str, Any]) -> bool:
     """Log one event; True when it was a finished task."""
     kind = event["kind"]
     if kind == "start":
+        if event.get("resumed_from_task") is not None:
+            state.resumed_from = int(event["resumed_from_task"])
         state.scenario = event["scenario"]
         state.r = RMatrix(event["tasks"], [0.0] * len(event["tasks"]))
         tracker.log_start(state.run_id, event)
@@ -392,8 +407,11 @@ def _finish(tracker: Tracker, state: _Live, console: Console) -> RunResult:
             totals[key] = float(state.last[key])
     tracker.finish_child(state.run_id, state.r, metrics, totals, state.files)
     values = metrics.as_dict()
+    resumed = (
+        f" (resumed: {state.resumed_from} tasks from its checkpoint)" if state.resumed_from else ""
+    )
     console.print(
-        f"run {spec.run_name} finished: ACC {100 * metrics.acc:.2f}%"
+        f"run {spec.run_name} finished{resumed}: ACC {100 * metrics.acc:.2f}%"
         + (f" BWT {100 * metrics.bwt:+.2f}" if metrics.bwt is not None else "")
     )
     return _result(

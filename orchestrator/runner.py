@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from learners.metrics import RMatrix
+from orchestrator import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,19 @@ class StreamRunner:
         """Ask the run in progress to stop at its next batch."""
         self._stop.set()
 
-    def run(self, resolved: dict[str, Any], plugins: list[str] | None = None):
-        """Build the stream and learner of one run and learn it, yielding one event per task."""
+    def run(
+        self,
+        resolved: dict[str, Any],
+        plugins: list[str] | None = None,
+        run_key: str | None = None,
+        checkpoint_dir: str | None = None,
+    ):
+        """Learn one run, yielding one event per task; resume from its checkpoint if any.
+
+        Events: ``start`` (where it runs; ``resumed_from_task`` when resuming), ``init`` (the
+        random-init row), one ``task`` per finished task, then ``artifacts``. A resumed run
+        first re-yields the events its checkpoint recorded (marked ``replayed``).
+        """
         from learners import ModelConfig, TrainConfig, build_learner
         from learners.evaluation import iter_stream
         from learners.hparams import build_dataclass
@@ -85,22 +97,38 @@ class StreamRunner:
             device=self.device,
             seed=seed,
         )
+        keep = checkpoint_dir is not None and run_key is not None
+        saved = checkpoints.load(checkpoint_dir, run_key) if keep else None
+        events: list[dict[str, Any]] = []
+        if saved is not None:
+            learner.load_state_dict(saved["learner"])
+            events = list(saved["events"])
         yield {
             "kind": "start",
             "tasks": [t.name for t in stream],
             "scenario": stream.scenario,
             "setup_time_s": time.perf_counter() - started,
+            "resumed_from_task": learner.tasks_learned if saved is not None else None,
             **self.info(),
         }
-        r = None
-        for event in iter_stream(learner, stream, should_stop=self._stop.is_set):
-            if event["kind"] == "init":
-                r = RMatrix([t.name for t in stream], event["row"])
-            else:
-                r.append(event["row"])
+        for event in events:
+            yield {**event, "replayed": True}
+        for event in iter_stream(
+            learner, stream, should_stop=self._stop.is_set, start_task=learner.tasks_learned
+        ):
+            events.append(event)
+            if keep and event["kind"] == "task":
+                checkpoints.save(checkpoint_dir, run_key, learner.state_dict(), events)
             yield event
+        r = RMatrix([t.name for t in stream], events[0]["row"])
+        for event in events[1:]:
+            r.append(event["row"])
         # rendering here keeps the driver (the single MLflow writer) free for other runs
         yield {"kind": "artifacts", "files": {"r_matrix.png": heatmap_png(r)}}
+
+    def forget(self, checkpoint_dir: str, run_key: str) -> None:
+        """Delete a run's checkpoint once the driver has its results in MLflow."""
+        checkpoints.remove(checkpoint_dir, run_key)
 
 
 def heatmap_png(r: RMatrix) -> bytes:

@@ -137,6 +137,11 @@ class Tracker:
                 RunTag("device", str(event["device"])),
                 RunTag("node", str(event["node"])),
                 RunTag("torch_threads", str(event["torch_threads"])),
+                *(
+                    [RunTag("resumed_from_task", str(event["resumed_from_task"]))]
+                    if event.get("resumed_from_task") is not None
+                    else []
+                ),
             ],
         )
 

@@ -33,6 +33,20 @@ class DieOnTask1(FineTune):
             import os
 
             os._exit(1)
+
+
+@register("die_once_on_task_2")
+class DieOnceOnTask2(FineTune):
+    """Fine-tuning whose worker dies at task 2 the first time only (a marker file remembers)."""
+
+    def before_task(self, task):
+        import os
+        from pathlib import Path
+
+        marker = Path(os.environ["LIA_TEST_MARKERS"]) / f"died-{self.seed}"
+        if task.id == 2 and not marker.exists():
+            marker.touch()
+            os._exit(1)
 '''
 
 
@@ -46,6 +60,7 @@ def ray_local(tmp_path_factory):
     sys.path.insert(0, str(plugin_dir))
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(plugin_dir) + (os.pathsep + old if old else "")
+    os.environ["LIA_TEST_MARKERS"] = str(tmp_path_factory.mktemp("markers"))
     ray.init(
         address="local",
         num_cpus=2,
@@ -55,6 +70,7 @@ def ray_local(tmp_path_factory):
     )
     yield plugin_dir
     ray.shutdown()
+    os.environ.pop("LIA_TEST_MARKERS", None)
     sys.path.remove(str(plugin_dir))
     if old is None:
         os.environ.pop("PYTHONPATH", None)
@@ -82,6 +98,7 @@ def tiny_config(tmp_path: Path, name: str = "tiny", **changes) -> dict:
             "artifact_location": str(tmp_path / "artifacts"),
         },
     }
+    config["checkpoints"] = {"dir": str(tmp_path / "checkpoints")}
     config.update(changes)
     return config
 
