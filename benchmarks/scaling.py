@@ -11,6 +11,9 @@ measured by overhead.py). Each run is ~8 s of work (6,400 SGD steps ~7 s, evalua
 Prints, as `name: value` lines:
   wall_1_actor_s, wall_2_actors_s   invocation wall times
   speedup                           wall_1_actor_s / wall_2_actors_s (target >= 1.7)
+  actor_start_1_s, actor_start_2_s  submission to the first run's start (actor start-up)
+  run_phase_speedup                 the same ratio over the run phase only: from the first
+                                    run's start to the last run's last event
 
     python benchmarks/scaling.py          # full
     python benchmarks/scaling.py --quick  # 4 runs of 5 tasks (< 2 minutes)
@@ -42,8 +45,11 @@ from orchestrator.driver import execute  # noqa: E402
 from orchestrator.tracking import Tracker  # noqa: E402
 
 
-def invocation(tmp: str, actors: int) -> float:
-    """Wall time of one `lia run` of RUNS fine-tune runs on ``actors`` actors."""
+def invocation(tmp: str, actors: int) -> tuple[float, float, float]:
+    """(wall time, time to the first run's start, run phase) of one `lia run` on ``actors``.
+
+    The run phase spans from the first run starting on an actor to the last run's last event.
+    """
     config = load_config(
         {
             "name": f"scaling{actors}",
@@ -60,13 +66,16 @@ def invocation(tmp: str, actors: int) -> float:
             "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": 0.1},
             "resources": {"cpus_per_run": 1, "max_concurrent_runs": actors},
             "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"},
+            "checkpoints": {"dir": f"{tmp}/checkpoints"},
         }
     )
     start = time.perf_counter()
     result = execute(config, progress=False)
     wall = time.perf_counter() - start
     assert (result.runs["status"] == "FINISHED").all(), result.runs["error"].tolist()
-    return wall
+    first_start = min(t for t, _, kind, _ in result.arrivals if kind == "start")
+    last_event = max(t for t, _, _, _ in result.arrivals)
+    return wall, first_start, last_event - first_start
 
 
 def main() -> None:
@@ -84,13 +93,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # the one-off MLflow store creation is start-up cost (see overhead.py), not scaling
         Tracker(f"sqlite:///{tmp}/mlflow.db", "warm-up")
-        one = invocation(tmp, 1)
-        two = invocation(tmp, 2)
+        one, boot_one, phase_one = invocation(tmp, 1)
+        two, boot_two, phase_two = invocation(tmp, 2)
     ray.shutdown()
     print(f"runs: {RUNS}")
     print(f"wall_1_actor_s: {one:.2f}")
     print(f"wall_2_actors_s: {two:.2f}")
     print(f"speedup: {one / two:.2f}")
+    print(f"actor_start_1_s: {boot_one:.2f}")
+    print(f"actor_start_2_s: {boot_two:.2f}")
+    print(f"run_phase_speedup: {phase_one / phase_two:.2f}")
 
 
 if __name__ == "__main__":
