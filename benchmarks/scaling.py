@@ -6,7 +6,7 @@ Both configurations go through the full `lia` path (Ray actors, MLflow logging b
 driver); the wall time of each invocation is measured from submission to the last run
 logged, with Ray already started and the MLflow store already created (both one-off costs,
 measured by overhead.py). Each run is ~8 s of work (6,400 SGD steps ~7 s, evaluation
-~1.2 s); the one-off actor start-up (~3 s: a Python process importing torch) is in both.
+~1.2 s); the one-off actor start-up (~2 s: a Python process importing torch) is in both.
 
 Prints, as `name: value` lines:
   wall_1_actor_s, wall_2_actors_s   invocation wall times
