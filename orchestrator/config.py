@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from learners import ConfigError, ModelConfig, TrainConfig, learner_class
 from learners.hparams import as_dict, build_dataclass, check_ranges
@@ -125,7 +125,7 @@ class RunSpec:
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     message = str(err).splitlines()[0]
-    if "not in struct" in message or "Key" in message and "not" in message:
+    if isinstance(err, ConfigKeyError):
         section = key.rsplit(".", 1)[0] if "." in key else ""
         accepted = _accepted_keys(section)
         return ConfigError(
