@@ -69,21 +69,24 @@ def iter_stream(
         }
 
 
+def r_matrix_from_events(tasks: list[str], events: list[dict[str, Any]]) -> RMatrix:
+    """The R matrix recorded by an ``init`` event and the ``task`` events after it."""
+    init, *learned = events
+    r = RMatrix(list(tasks), init["row"])
+    for event in learned:
+        r.append(event["row"])
+    return r
+
+
 def run_stream(
     learner: Learner,
     stream: TaskStream,
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> RMatrix:
     """Learn the whole stream and return its R matrix (the notebook-friendly entry point)."""
-    names = [t.name for t in stream]
-    r: RMatrix | None = None
+    events = []
     for event in iter_stream(learner, stream):
-        if event["kind"] == "init":
-            r = RMatrix(names, event["row"])
-        else:
-            assert r is not None
-            r.append(event["row"])
+        events.append(event)
         if on_event is not None:
             on_event(event)
-    assert r is not None
-    return r
+    return r_matrix_from_events([t.name for t in stream], events)

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.driver import ExperimentResult, execute
+from orchestrator.driver import execute
 from orchestrator.report import load_experiment
 
 
@@ -17,16 +17,14 @@ def run_experiment(
     overrides: list[str] | None = None,
     *,
     progress: bool = False,
-    return_result: bool = False,
-) -> pd.DataFrame | ExperimentResult:
+) -> pd.DataFrame:
     """Run a config (YAML path, dict or ExperimentConfig) and return its runs as a DataFrame.
 
     One row per run (label, method, seed, order, status, ACC, BWT, FWT, forgetting,
     train_time_s, run_key, mlflow_run_id, tasks, random_init, R, error). Runs already finished
     in MLflow are not re-run; they appear with status SKIPPED.
     """
-    result = execute(load_config(config, overrides), progress=progress)
-    return result if return_result else result.runs
+    return execute(load_config(config, overrides), progress=progress).runs
 
 
 __all__ = ["load_experiment", "run_experiment"]

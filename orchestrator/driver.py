@@ -72,6 +72,7 @@ class _Live:
     actor: Any
     run_id: str
     started: float
+    tasks: list[str] = field(default_factory=list)
     r: RMatrix | None = None
     scenario: str | None = None
     train_time_s: float = 0.0
@@ -367,18 +368,18 @@ def _handle(tracker: Tracker, state: _Live, event: dict[str, Any]) -> bool:
         if event.get("resumed_from_task") is not None:
             state.resumed_from = int(event["resumed_from_task"])
         state.scenario = event["scenario"]
-        state.r = RMatrix(event["tasks"], [0.0] * len(event["tasks"]))
+        state.tasks = list(event["tasks"])
         tracker.log_start(state.run_id, event)
         return False
-    assert state.r is not None
     if kind == "artifacts":
         state.files.update(event["files"])
         return False
     if kind == "init":
-        state.r = RMatrix(state.r.tasks, event["row"])
+        state.r = RMatrix(state.tasks, event["row"])
         tracker.log_init_row(state.run_id, event["row"])
         state.eval_time_s += event["eval_time_s"]
         return False
+    assert state.r is not None, "a task event before the init event"
     state.r.append(event["row"])
     state.train_time_s += event["train_time_s"]
     state.eval_time_s += event["eval_time_s"]

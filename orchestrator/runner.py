@@ -77,7 +77,7 @@ class StreamRunner:
         first re-yields the events its checkpoint recorded (marked ``replayed``).
         """
         from learners import ModelConfig, TrainConfig, build_learner
-        from learners.evaluation import iter_stream
+        from learners.evaluation import iter_stream, r_matrix_from_events
         from learners.hparams import build_dataclass
         from orchestrator.config import import_plugins
         from task_streams import StreamConfig, build_stream
@@ -120,9 +120,7 @@ class StreamRunner:
             if keep and event["kind"] == "task":
                 checkpoints.save(checkpoint_dir, run_key, learner.state_dict(), events)
             yield event
-        r = RMatrix([t.name for t in stream], events[0]["row"])
-        for event in events[1:]:
-            r.append(event["row"])
+        r = r_matrix_from_events([t.name for t in stream], events)
         # rendering here keeps the driver (the single MLflow writer) free for other runs
         yield {"kind": "artifacts", "files": {"r_matrix.png": heatmap_png(r)}}
 
