@@ -32,4 +32,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean-results:
-	rm -rf mlflow.db mlruns mlartifacts reports
+	rm -rf mlflow.db .mlflow.db.lock mlruns mlartifacts reports checkpoints

@@ -99,6 +99,7 @@ def orchestrated(tmp: str, rep: int) -> tuple[float, float, float]:
             "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "optimizer": "sgd"},
             "resources": {"cpus_per_run": 1, "max_concurrent_runs": 1},
             "tracking": {"uri": f"sqlite:///{tmp}/mlflow{rep}.db"},
+            "checkpoints": {"dir": f"{tmp}/checkpoints"},
         }
     )
     start = time.perf_counter()

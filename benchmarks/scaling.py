@@ -92,7 +92,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     with tempfile.TemporaryDirectory() as tmp:
         # the one-off MLflow store creation is start-up cost (see overhead.py), not scaling
-        Tracker(f"sqlite:///{tmp}/mlflow.db", "warm-up")
+        Tracker(f"sqlite:///{tmp}/mlflow.db", "warm-up").ensure_experiment()
         one, boot_one, phase_one = invocation(tmp, 1)
         two, boot_two, phase_two = invocation(tmp, 2)
     ray.shutdown()

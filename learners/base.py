@@ -37,7 +37,7 @@ class TrainConfig:
     epochs: int = hp(1, help="passes over each task's training data", low=1)
     batch_size: int = hp(10, help="samples per gradient step from the current task", low=1)
     optimizer: str = hp("sgd", help="optimizer", choices=OPTIMIZERS)
-    lr: float = hp(0.1, help="learning rate", low=0.0, search=(1e-4, 0.5), log=True)
+    lr: float = hp(0.1, help="learning rate", gt=0.0, search=(1e-4, 0.5), log=True)
     momentum: float = hp(0.0, help="SGD momentum", low=0.0, high=1.0)
     weight_decay: float = hp(0.0, help="L2 weight decay", low=0.0)
     reset_optimizer: bool = hp(False, help="rebuild the optimizer (fresh state) at each task")

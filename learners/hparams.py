@@ -26,19 +26,25 @@ def hp(
     help: str,
     low: float | None = None,
     high: float | None = None,
+    gt: float | None = None,
     choices: Sequence[Any] | None = None,
     search: tuple[float, float] | Sequence[Any] | None = None,
     log: bool = False,
 ) -> Any:
     """A hyperparameter field: default, accepted range or choices, and an optional search space.
 
-    ``low``/``high`` bound the accepted values (inclusive); ``search`` is the sub-range (or list
-    of choices) a tuner should explore, sampled log-uniformly when ``log`` is true.
+    ``low``/``high`` bound the accepted values (inclusive), ``gt`` is an exclusive lower bound
+    (``gt=0.0``: strictly positive); float values must also be finite. ``search`` is the
+    sub-range (or list of choices) a tuner should explore, sampled log-uniformly when ``log``
+    is true.
     """
+    if gt is not None and low is not None:
+        raise ValueError("hp(): give low (inclusive) or gt (exclusive), not both")
     metadata = {
         "help": help,
         "low": low,
         "high": high,
+        "gt": gt,
         "choices": choices,
         "search": search,
         "log": log,
@@ -53,14 +59,25 @@ def describe_range(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta.get("choices") is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
-    low, high = meta.get("low"), meta.get("high")
+    low, high, gt = meta.get("low"), meta.get("high"), meta.get("gt")
+    if gt is not None and high is not None:
+        return f"a value in ({_num(gt)}, {_num(high)}]"
     if low is not None and high is not None:
-        return f"a value in [{low}, {high}]"
+        return f"a value in [{_num(low)}, {_num(high)}]"
+    if gt is not None:
+        return f"a value > {_num(gt)}"
     if low is not None:
-        return f"a value >= {low}"
+        return f"a value >= {_num(low)}"
     if high is not None:
-        return f"a value <= {high}"
+        return f"a value <= {_num(high)}"
     return f"a value of type {getattr(f.type, '__name__', f.type)}"
+
+
+def _num(x: float) -> str:
+    """A bound as people write it: 0 rather than 0.0, 0.9 as is."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x)
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:
@@ -73,10 +90,19 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key}={value!r} is not accepted; expected {describe_range(f)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if isinstance(value, float) and math.isnan(value):
-            raise ConfigError(f"{key}=nan is not accepted; expected {describe_range(f)}")
-        low, high = meta.get("low"), meta.get("high")
-        if (low is not None and value < low) or (high is not None and value > high):
+        if isinstance(value, float) and not math.isfinite(value):
+            expected = describe_range(f)
+            if expected.startswith("a value of type"):
+                expected = "a finite number"
+            else:
+                expected = expected.replace("a value", "a finite value", 1)
+            raise ConfigError(f"{key}={value!r} is not accepted; expected {expected}")
+        low, high, gt = meta.get("low"), meta.get("high"), meta.get("gt")
+        if (
+            (low is not None and value < low)
+            or (gt is not None and value <= gt)
+            or (high is not None and value > high)
+        ):
             raise ConfigError(f"{key}={value!r} is out of range; expected {describe_range(f)}")
 
 

@@ -17,9 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # task_streams imports torch; metrics stays importable without it
+    from task_streams.base import StreamInfo
 
 CLASS_IL_FWT_REASON = (
     "FWT is undefined for class-incremental streams: a task's classes are never trained "
@@ -147,3 +151,49 @@ def compute_metrics(r: RMatrix, scenario: str) -> Metrics:
     else:
         fwt = _mean([R[i - 1][i] - b[i] for i in range(1, t)])
     return Metrics(acc, bwt, fwt, _mean(forgetting_per_task), forgetting_per_task, undefined)
+
+
+# ---------------------------------------------------------------------- chance level
+AT_CHANCE_Z = 3.0
+"""How many standard errors above chance a final accuracy must be not to count as chance."""
+
+
+def chance_accuracy(info: StreamInfo) -> list[float]:
+    """Per task, the accuracy of a classifier that guesses uniformly among its outputs.
+
+    Task-incremental streams mask the outputs to the task's classes, so chance on task t is
+    ``1 / len(task_classes[t])``; domain- and class-incremental streams predict over every
+    output unit, so chance is ``1 / num_classes`` on every task.
+    """
+    if info.scenario == "task":
+        return [1.0 / len(classes) if classes else 0.0 for classes in info.task_classes]
+    return [1.0 / info.num_classes if info.num_classes else 0.0] * info.num_tasks
+
+
+def at_chance(final_row: list[float], chance: list[float], test_counts: list[int]) -> bool:
+    """True when the mean final accuracy is not significantly above the mean chance level.
+
+    One-sided test against a chance-level classifier. Under chance, task t's accuracy is a
+    binomial proportion with mean ``p_t = chance[t]`` over ``n_t = test_counts[t]`` test
+    samples, so the mean over the T tasks (the ACC of ``final_row``) has mean
+    ``p = mean_t p_t`` and standard error ``se = sqrt(sum_t p_t (1 - p_t) / n_t) / T``
+    (normal approximation). The run is flagged when ``ACC <= p + 3 * se``: a chance-level
+    classifier exceeds that bound with probability about 0.13%.
+
+    Example: 10 classes, 5 tasks of 500 test samples: se = sqrt(5 * 0.09 / 500) / 5 = 0.006,
+    so the bound is 0.118; a final ACC of 0.11 is flagged, 0.15 is not. Tasks with no test
+    samples are left out; with none at all, the bound is the chance level itself.
+    """
+    if not len(final_row) == len(chance) == len(test_counts):
+        raise ValueError(
+            f"final_row, chance and test_counts have {len(final_row)}, {len(chance)} and "
+            f"{len(test_counts)} entries; expected one per task"
+        )
+    used = [(a, p, n) for a, p, n in zip(final_row, chance, test_counts, strict=True) if n > 0]
+    if not used:
+        return bool(final_row) and _mean(final_row) <= _mean(chance)
+    t = len(used)
+    acc = sum(a for a, _, _ in used) / t
+    p = sum(c for _, c, _ in used) / t
+    se = math.sqrt(sum(c * (1 - c) / n for _, c, n in used)) / t
+    return acc <= p + AT_CHANCE_Z * se

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
+import signal
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,13 +19,15 @@ from learners.hparams import describe_range
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import load_config
-    from orchestrator.driver import execute, summary_table
 
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
-    result = execute(config, progress=not args.no_progress, console=console)
+    # imported after the config is read: a bad one is refused without loading Ray and MLflow
+    from orchestrator.driver import execute, summary_table
+
+    result = execute(config, progress=not args.no_progress, console=console, reuse=args.reuse)
     if not result.summary.empty:
         Console().print(
             summary_table(
@@ -40,11 +45,45 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 1 if c["failed"] else 0
 
 
+def _clean(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.tracking import resolve_tracking_uri, sqlite_path
+
+    config = load_config(args.config, list(args.overrides)) if args.config else None
+    targets = [Path(config.checkpoints.dir) if config and config.checkpoints.dir else None]
+    targets = [t for t in targets if t is not None] or [Path("checkpoints")]
+    if args.results:
+        db = sqlite_path(resolve_tracking_uri(config.tracking.uri if config else None))
+        targets += [Path("mlruns"), Path("mlartifacts"), Path("reports")]
+        if db is not None:
+            targets += [db, db.parent / f".{db.name}.lock"]
+    removed = []
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        else:
+            continue
+        removed.append(str(target))
+    console.print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
+    return 0
+
+
 def _report(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator import preflight
     from orchestrator.report import write_report
 
     out = args.out or f"reports/{args.experiment}"
-    written = write_report(args.experiment, out, args.format or ["md"], args.tracking_uri)
+    preflight.check_report(args.experiment, args.tracking_uri, out)
+    written = write_report(
+        args.experiment,
+        out,
+        args.format or ["md"],
+        args.tracking_uri,
+        config_key=args.config_key,
+        latest=args.latest,
+    )
     if "md" in written:
         Console().print(written["md"].read_text())
     console.print(
@@ -81,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--reuse",
+        choices=["same-code", "any", "none"],
+        default="same-code",
+        help="which finished runs stand for runs of this config: those with the same "
+        "config, seed and code (default), the same config and seed whatever the code, or none",
+    )
     report = sub.add_parser("report", help="tables and plots of an MLflow experiment")
     report.add_argument("experiment", help="MLflow experiment name")
     report.add_argument(
@@ -93,7 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
+    report.add_argument(
+        "--latest",
+        action="store_true",
+        help="per label, only the configuration run most recently",
+    )
+    report.add_argument(
+        "--config-key", help="only this configuration (a config key, or a unique prefix of one)"
+    )
     sub.add_parser("methods", help="list methods and their hyperparameters")
+    clean = sub.add_parser(
+        "clean", help="remove checkpoints (and with --results the local MLflow store, reports)"
+    )
+    clean.add_argument("config", nargs="?", help="experiment YAML whose folders to clean")
+    clean.add_argument("overrides", nargs="*", help="dot-list overrides, as for lia run")
+    clean.add_argument(
+        "--results",
+        action="store_true",
+        help="also remove mlflow.db (the config's SQLite store), mlruns/, mlartifacts/, reports/",
+    )
     return parser
 
 
@@ -101,28 +165,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may come before or after options: collect the key=value leftovers
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if args.command != "run" or e.startswith("-") or "=" not in e]
+    stray = [
+        e
+        for e in extra
+        if args.command not in ("run", "clean") or e.startswith("-") or "=" not in e
+    ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.command == "run":
+    if args.command in ("run", "clean"):
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     console = Console(stderr=True)
-    handlers = {"run": _run, "report": _report, "methods": _methods}
+    handlers = {"run": _run, "report": _report, "methods": _methods, "clean": _clean}
+    # `kill` (SIGTERM) ends an invocation like Ctrl-C: live runs are marked KILLED, not left RUNNING
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return handlers[args.command](args, console)
-    except ConfigError as err:
+    except ConfigError as err:  # bad input (config, overrides, environment): nothing was done
         console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+    except Exception as err:
+        # `lia report`'s inputs: an experiment that is not there (or has no finished runs)
+        bad_input = args.command == "report" and isinstance(err, (ValueError, FileNotFoundError))
+        if args.verbose and not bad_input:
+            console.print_exception()
+        text = str(err).strip() or type(err).__name__
+        if not bad_input:
+            text = f"{type(err).__name__}: {text.splitlines()[0]}"
+            if not args.verbose:
+                text += " (rerun as `lia -v ...` for the traceback)"
+        console.print(f"[red]error:[/] {escape(text)}", highlight=False)
+        return 2 if bad_input else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

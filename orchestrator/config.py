@@ -8,21 +8,25 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 from learners import ConfigError, ModelConfig, TrainConfig, learner_class
-from learners.hparams import as_dict, build_dataclass, check_ranges
+from learners.hparams import as_dict, build_dataclass, check_ranges, hp
 from task_streams import StreamConfig, build_stream, validate_stream_config
-
-RUN_KEY_VERSION = 1
 
 
 @dataclass
@@ -74,6 +78,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class RetryConfig:
+    """What happens when Ray loses a run (its worker, actor or node died)."""
+
+    max_retries: int = hp(3, help="re-dispatches of a run whose worker, actor or node died", low=0)
+    backoff_s: float = hp(1.0, help="seconds before the first retry; doubles each time", low=0.0)
+    backoff_max_s: float = hp(30.0, help="longest wait between retries, in seconds", low=0.0)
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: methods × seeds × task orders on one stream."""
 
@@ -94,6 +107,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,10 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: method + hyperparameters, stream (with its task order), seed. Plain data."""
+    """One run: method + hyperparameters, stream (with its task order), seed. Plain data.
+
+    ``run_key``, ``config_key`` and ``instance_key`` are explained in orchestrator/identity.py.
+    """
 
     run_key: str
     label: str
@@ -115,6 +132,9 @@ class RunSpec:
     seed: int
     order_index: int
     resolved: dict[str, Any]
+    config_key: str = ""
+    instance_key: str = ""
+    code_hash: str = ""
 
     @property
     def run_name(self) -> str:
@@ -122,8 +142,28 @@ class RunSpec:
         return f"{self.label}-s{self.seed}{suffix}"
 
 
-def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
+# examples shown in type errors, where the syntax is the hard part (others: the default)
+_EXAMPLES = {
+    "seeds": "[0,1]",
+    "task_orders": "[[0,1,2],[2,0,1]]",
+    "plugins": "[my_methods]",
+    "methods": "{finetune: {}}",
+    "stream.task_order": "[2,0,1]",
+}
+
+
+def _omegaconf_error(
+    err: Exception, culprit: str | None = None, given: str | None = None
+) -> ConfigError:
+    """One ConfigError for an OmegaConf merge/conversion error: the key and what it accepts.
+
+    ``culprit`` is the top-level key or override key being merged when the error happened
+    (OmegaConf sometimes reports a key relative to a nested node, or none); ``given`` the
+    value as the user wrote it, when known.
+    """
+    full_key = str(getattr(err, "full_key", None) or "")
+    key = full_key if full_key and (not culprit or _same_root(full_key, culprit)) else culprit
+    key = key or "?"
     message = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError):
         section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -131,7 +171,84 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
         return ConfigError(
             f"unknown key {key}; accepted keys{' in ' + section if section else ''}: {accepted}"
         )
-    return ConfigError(f"{key}: {message}")
+    if isinstance(err, InterpolationResolutionError):
+        return ConfigError(f"{key}: {message}")
+    # a value of the wrong type (or null where a value is required): say what the key takes
+    field_key = re.sub(r"\[[^\]]*\]", "", key)
+    found = _field_type(field_key)
+    if found is None and culprit:
+        field_key = re.sub(r"\[[^\]]*\]", "", culprit)
+        found = _field_type(field_key)
+    if found is None:
+        return ConfigError(f"{key}: {message}")
+    tp, default = found
+    example = _EXAMPLES.get(field_key)
+    if example is None and isinstance(default, list) and default:
+        example = json.dumps(default, separators=(",", ":"))
+    text = f"{field_key} must be {describe_type(tp)}"
+    if example:
+        text += f", e.g. {field_key}={example}"
+    if given is not None:
+        given = given if given.strip() else "nothing"
+        if culprit and culprit.startswith(field_key + "."):  # e.g. train.lr.x=1 for train.lr
+            given = f"{culprit}={given}"
+        text += f"; got {given}"
+    elif key != field_key:
+        text += f" ({message.rstrip('.')} at {key})"
+    return ConfigError(text)
+
+
+def _same_root(key: str, other: str) -> bool:
+    """Both dotted keys start with the same top-level key (``model.hidden[0]``, ``model``)."""
+    return re.split(r"[.\[]", key)[0] == re.split(r"[.\[]", other)[0]
+
+
+def describe_type(tp: Any) -> str:
+    """What a config field of type ``tp`` accepts, in words (``list[int]``: a list of integers)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        inner_text = describe_type(inner[0]) if len(inner) == 1 else "a value"
+        return inner_text.replace("a non-empty string", "a string") + " or null"
+    if typing.get_origin(tp) is list:
+        return "a list of " + _plural(args[0] if args else Any)
+    if typing.get_origin(tp) is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {
+        str: "a non-empty string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+    }.get(tp, "a value")
+
+
+def _plural(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return "lists of " + _plural(typing.get_args(tp)[0])
+    return {str: "strings", int: "integers", float: "numbers", bool: "booleans"}.get(tp, "values")
+
+
+def _field_type(key: str) -> tuple[Any, Any] | None:
+    """(type, default) of the config field at dotted ``key``; None if there is none."""
+    node: Any = ExperimentConfig
+    tp: Any = None
+    default: Any = None
+    for part in [p for p in key.split(".") if p]:
+        if not dataclasses.is_dataclass(node):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        tp = typing.get_type_hints(node)[part]
+        f = fields[part]
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None if f.default is dataclasses.MISSING else f.default
+        node = tp
+    return (tp, default) if tp is not None else None
 
 
 def _accepted_keys(section: str) -> str:
@@ -151,6 +268,60 @@ def _accepted_keys(section: str) -> str:
     return ", ".join(f.name for f in dataclasses.fields(node))
 
 
+# what OmegaConf raises on a value it cannot merge or convert (TypeError: e.g. a list merged
+# into a mapping); ConfigError (a ValueError) from a dataclass's __post_init__ passes through
+_MERGE_ERRORS = (OmegaConfBaseException, TypeError, ValueError)
+
+
+def _merge(base: DictConfig, user: DictConfig, overrides: list[str]) -> ExperimentConfig:
+    """Merge the file, then each override, so an error is pinned on the key that caused it."""
+    try:
+        merged = OmegaConf.merge(base, user)
+    except _MERGE_ERRORS as err:
+        culprit = None
+        for key in user:
+            try:
+                OmegaConf.merge(base, OmegaConf.masked_copy(user, [str(key)]))
+            except _MERGE_ERRORS:
+                culprit = str(key)
+                break
+        given = None
+        if culprit is not None:
+            # the value as written, at the most precise key the error names
+            full_key = str(getattr(err, "full_key", None) or "")
+            path = full_key if full_key and _same_root(full_key, culprit) else culprit
+            path = re.sub(r"\[[^\]]*\]", "", path)
+            value = OmegaConf.select(user, path, default=None)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value)
+            given = "null" if value is None else json.dumps(value, default=str)
+        raise _omegaconf_error(err, culprit, given) from None
+    for item in overrides:
+        key, raw = (part.strip() for part in item.split("=", 1))
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, key, raw) from None
+        except Exception as err:  # the YAML parser's errors come in many types
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({first}); quote lists and "
+                "mappings for the shell, e.g. 'seeds=[0,1]'"
+            ) from None
+        try:
+            merged = OmegaConf.merge(merged, dotlist)
+        except ConfigError:
+            raise
+        except _MERGE_ERRORS as err:
+            raise _omegaconf_error(err, key, raw) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except _MERGE_ERRORS as err:
+        raise _omegaconf_error(err) from None
+
+
 def load_config(
     source: str | Path | dict[str, Any] | ExperimentConfig | DictConfig | None = None,
     overrides: list[str] | None = None,
@@ -159,6 +330,8 @@ def load_config(
     base = OmegaConf.structured(ExperimentConfig)
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; expected a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -176,11 +349,7 @@ def load_config(
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        merged = OmegaConf.merge(base, user, OmegaConf.from_dotlist(list(overrides or [])))
-        config: ExperimentConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _omegaconf_error(err) from None
+    config = _merge(base, user, list(overrides or []))
     validate(config)
     return config
 
@@ -214,6 +383,11 @@ def validate(config: ExperimentConfig) -> None:
     """Raise ConfigError on the first invalid value anywhere in ``config``."""
     if not config.name or "/" in config.name:
         raise ConfigError(f"name={config.name!r} must be a non-empty string without '/'")
+    if any(not isinstance(p, str) or not p.strip() for p in config.plugins):
+        raise ConfigError(
+            f"plugins={_show(config.plugins)} is not accepted; plugins must be a list of "
+            "module names, e.g. plugins=[my_methods]"
+        )
     import_plugins(config.plugins)
     method_specs(config)
     if not config.seeds:
@@ -231,8 +405,11 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(
             str(err) if str(err).startswith("stream.") else f"stream: {err}"
         ) from None
-    check_ranges(config.model, "model.")
-    check_ranges(config.train, "train.")
+    # every section: declared ranges (hp() fields), and every float finite (no nan / inf)
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{section.name}.")
     r = config.resources
     if r.cpus_per_run <= 0:
         raise ConfigError(f"resources.cpus_per_run={r.cpus_per_run} must be > 0")
@@ -248,12 +425,60 @@ def validate(config: ExperimentConfig) -> None:
         )
     if r.max_concurrent_runs < 0:
         raise ConfigError(f"resources.max_concurrent_runs={r.max_concurrent_runs} must be >= 0")
+    if config.checkpoints.dir is not None and not config.checkpoints.dir.strip():
+        raise ConfigError(
+            "checkpoints.dir is empty; give a folder path, or null to disable checkpoints"
+        )
+    validate_ray(config.ray)
 
 
-def run_key(resolved: dict[str, Any]) -> str:
-    """Stable 16-hex-digit hash of a run's fully resolved config."""
-    payload = json.dumps({"v": RUN_KEY_VERSION, **resolved}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def validate_ray(ray_config: RayConfig) -> None:
+    """Static checks of the ``ray`` section (reachability is checked by the preflight)."""
+    if ray_config.num_cpus is not None and ray_config.num_cpus < 1:
+        raise ConfigError(
+            f"ray.num_cpus={ray_config.num_cpus} is not accepted; expected an integer >= 1, "
+            "or null for all cores"
+        )
+    if ray_config.num_gpus is not None and ray_config.num_gpus < 0:
+        raise ConfigError(
+            f"ray.num_gpus={ray_config.num_gpus} is not accepted; expected an integer >= 0, "
+            "or null to detect the GPUs"
+        )
+    if ray_config.address is not None:
+        parse_ray_address(ray_config.address, "ray.address")
+
+
+RAY_ADDRESS_FORMS = (
+    "host:port (e.g. head:6379), ray://host:port (e.g. ray://head:10001), auto or local"
+)
+
+
+def parse_ray_address(address: str, key: str = "ray.address") -> tuple[str, int] | None:
+    """(host, port) of a Ray address to connect to; None for ``auto`` and ``local``.
+
+    ConfigError (naming ``key``) when it is none of: ``host:port``, ``ray://host:port``,
+    ``auto``, ``local``.
+    """
+    text = address.strip()
+    if text in ("auto", "local"):
+        return None
+    rest = text[len("ray://") :] if text.startswith("ray://") else text
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep and text.startswith("ray://") and rest and "/" not in rest:
+        host, port = rest, "10001"  # the Ray client's default port
+    if not host or "/" in host or "://" in text[len("ray://") :] or not port.isdigit():
+        raise ConfigError(f"{key}={address!r} is not accepted; expected {RAY_ADDRESS_FORMS}")
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}={address!r}: port {port} is out of range; expected 1-65535")
+    return host, int(port)
+
+
+def _show(value: Any) -> str:
+    """A config value as it would be written in an override."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str, separators=(",", ":"))
+    return str(value)
 
 
 def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
@@ -261,10 +486,14 @@ def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
     orders: list[list[int] | None] = (
         [list(o) for o in config.task_orders] if config.task_orders else [config.stream.task_order]
     )
+    from orchestrator import identity
+
     model = as_dict(config.model)
     train = as_dict(config.train)
     runs = []
+    seen: dict[str, str] = {}
     for spec in method_specs(config):
+        code = identity.code_hash(spec.method)
         for order_index, order in enumerate(orders):
             stream = dataclasses.asdict(config.stream)
             stream["task_order"] = order
@@ -278,9 +507,23 @@ def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
                     "train": train,
                     "seed": int(seed),
                 }
+                instance = identity.instance_key(resolved)
+                if seen.setdefault(instance, spec.label) != spec.label:
+                    raise ConfigError(
+                        f"methods.{seen[instance]} and methods.{spec.label} are the same "
+                        "configuration; give one of them a different setting or remove it"
+                    )
                 runs.append(
                     RunSpec(
-                        run_key(resolved), spec.label, spec.method, int(seed), order_index, resolved
+                        identity.run_key(resolved, code),
+                        spec.label,
+                        spec.method,
+                        int(seed),
+                        order_index,
+                        resolved,
+                        config_key=identity.config_key(resolved),
+                        instance_key=instance,
+                        code_hash=code,
                     )
                 )
     return runs

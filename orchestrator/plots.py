@@ -40,7 +40,7 @@ def r_heatmap(
                     j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour
                 )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10 if len(title) > 50 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -51,26 +51,31 @@ def accuracy_curves(
     path: str | Path,
     title: str,
 ) -> None:
-    """Mean average-accuracy-on-seen-tasks per method vs tasks learned, ± std band.
+    """Mean average-accuracy-on-seen-tasks per configuration vs tasks learned, ± std band.
 
-    ``curves[label]`` is an array (seeds, tasks).
+    ``curves[name]`` is an array (runs, tasks), keyed by the configuration's display name;
+    empty arrays are left out.
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, values in sorted(curves.items()):
+    drawn = {}
+    for name, values in curves.items():
         values = np.atleast_2d(np.asarray(values, dtype=float))
+        if values.size:
+            drawn[name] = values
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, values in sorted(drawn.items()):
         mean = values.mean(axis=0)
         std = values.std(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
         x = np.arange(1, mean.shape[0] + 1)
-        ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={values.shape[0]})")
+        ax.plot(x, mean, marker="o", markersize=3, label=f"{name} (n={values.shape[0]})")
         ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.2)
-    if curves:
-        longest = max(np.atleast_2d(v).shape[1] for v in curves.values())
+    if drawn:
+        longest = max(v.shape[1] for v in drawn.values())
         ax.set_xticks(range(1, longest + 1))
+        ax.legend(fontsize=8)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy on tasks seen")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

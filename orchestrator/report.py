@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from learners.metrics import RMatrix
 from orchestrator import plots
 from orchestrator.results import (
     METRICS,
@@ -14,6 +16,8 @@ from orchestrator.results import (
     avg_acc_curves,
     mean_r,
     runs_frame,
+    runs_table,
+    safe_name,
     summarize,
     to_csv,
     to_latex,
@@ -24,10 +28,122 @@ from orchestrator.tracking import finished_child_runs, load_r_matrices, resolve_
 FORMATS = ("md", "csv", "latex")
 
 
-def load_experiment(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Every finished run of an MLflow experiment: metrics and R matrices, one row per run.
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
 
-    A run executed several times (same run key) appears once, its latest finished execution.
+
+def _flag(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    return value.strip().lower() == "true"
+
+
+def _r_matrices(client: MlflowClient, run_ids: list[str]) -> dict[str, RMatrix | None]:
+    """Each run's ``r_matrix.json``; None for a run whose artifact cannot be read."""
+    try:
+        return dict(load_r_matrices(client, run_ids))
+    except Exception:  # one bad artifact: fetch one by one, keeping what can be read
+        matrices: dict[str, RMatrix | None] = {}
+        for run_id in run_ids:
+            try:
+                matrices[run_id] = load_r_matrices(client, [run_id])[run_id]
+            except Exception:
+                matrices[run_id] = None
+        return matrices
+
+
+def _result(key: str, run: Any, r: RMatrix | None) -> RunResult:
+    tags, values = run.data.tags, run.data.metrics
+    return RunResult(
+        key,
+        tags.get("label", tags.get("method", "?")),
+        tags.get("method", "?"),
+        _int(tags.get("seed"), 0),
+        _int(tags.get("order"), 0),
+        "FINISHED",
+        run.info.run_id,
+        scenario=tags.get("scenario"),
+        r=r,
+        metrics={m: values.get(m) for m in METRICS},
+        train_time_s=values.get("train_time_s"),
+        config_key=tags.get("config_key") or None,
+        code_hash=tags.get("code_hash"),
+        params=dict(run.data.params) or None,
+        attempts=_int(tags.get("attempts"), 1),
+        at_chance=_flag(tags.get("at_chance")),
+    )
+
+
+def _configurations(frame: pd.DataFrame) -> str:
+    pairs = frame.drop_duplicates("config_key")[["config_key", "config"]]
+    return ", ".join(f"{k} ({n})" for k, n in pairs.itertuples(index=False) if isinstance(k, str))
+
+
+def _select_config(frame: pd.DataFrame, experiment: str, config_key: str) -> pd.DataFrame:
+    """The runs of the one configuration whose key is ``config_key`` or starts with it."""
+    keys = [k for k in dict.fromkeys(frame["config_key"]) if isinstance(k, str)]
+    matches = [k for k in keys if k == config_key] or [k for k in keys if k.startswith(config_key)]
+    if len(matches) != 1:
+        problem = "is ambiguous" if matches else "matches no configuration"
+        shown = frame[frame["config_key"].isin(matches)] if matches else frame
+        raise ValueError(
+            f"config key {config_key!r} {problem} in experiment {experiment!r}; "
+            f"configurations there: {_configurations(shown) or '(none)'}"
+        )
+    return frame[frame["config_key"] == matches[0]]
+
+
+def _latest_configs(frame: pd.DataFrame, started: dict[str, int]) -> pd.DataFrame:
+    """Per label, the runs of the configuration of that label's most recently started run."""
+    start = frame["mlflow_run_id"].map(lambda run_id: started.get(run_id, 0))
+    newest = frame.assign(_start=start).sort_values("_start", kind="stable")
+    chosen = newest.groupby("label", sort=False).tail(1)
+    keep = set(zip(chosen["label"], chosen["config_key"].fillna(""), strict=True))
+    mask = [
+        (label, key) in keep
+        for label, key in zip(frame["label"], frame["config_key"].fillna(""), strict=True)
+    ]
+    return frame[mask]
+
+
+def _current(runs: dict[str, Any]) -> dict[str, Any]:
+    """Per run instance (configuration, seed, task order), its latest finished execution.
+
+    After a fix to a learner the run is computed again under a new run key; the result of the
+    old code is superseded, never averaged with the new one. Runs logged before instance keys
+    existed stand for themselves.
+    """
+    latest: dict[str, tuple[str, Any]] = {}
+    for key, run in runs.items():
+        instance = run.data.tags.get("instance_key") or key
+        held = latest.get(instance)
+        if held is None or (run.info.start_time or 0) >= (held[1].info.start_time or 0):
+            latest[instance] = (key, run)
+    return dict(latest.values())
+
+
+def load_experiment(
+    experiment: str,
+    tracking_uri: str | None = None,
+    *,
+    config_key: str | None = None,
+    latest: bool = False,
+) -> pd.DataFrame:
+    """Every finished run of an MLflow experiment, of every configuration, one row per run.
+
+    Same columns as :func:`orchestrator.run_experiment` (see ``results.RUN_COLUMNS``). A run
+    executed several times (same configuration, seed and task order — under older code too)
+    appears once, its latest finished execution. Runs
+    logged without a ``config_key`` tag get one derived from their params.
+    ``config_key`` keeps the one configuration whose key is, or uniquely starts with, that
+    string (ValueError listing the keys and display names otherwise); ``latest=True`` keeps,
+    per label, only the configuration of its most recently started run. Display names (the
+    ``config`` column) are those over the whole experiment, so a selected configuration
+    keeps the name that tells it apart from its siblings. Sorted by label, configuration,
+    task order and seed.
     """
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
@@ -38,28 +154,18 @@ def load_experiment(experiment: str, tracking_uri: str | None = None) -> pd.Data
             f"no MLflow experiment named {experiment!r} at {uri}; "
             f"experiments there: {', '.join(names) or '(none)'}"
         )
-    runs = finished_child_runs(client, [found.experiment_id])
-    matrices = load_r_matrices(client, [r.info.run_id for r in runs.values()])
-    results = []
-    for key, run in runs.items():
-        tags, values = run.data.tags, run.data.metrics
-        results.append(
-            RunResult(
-                key,
-                tags.get("label", tags.get("method", "?")),
-                tags.get("method", "?"),
-                int(tags.get("seed", 0)),
-                int(tags.get("order", 0)),
-                "FINISHED",
-                run.info.run_id,
-                scenario=tags.get("scenario"),
-                r=matrices[run.info.run_id],
-                metrics={m: values.get(m) for m in METRICS},
-                train_time_s=values.get("train_time_s"),
-            )
-        )
+    runs = _current(finished_child_runs(client, [found.experiment_id]))
+    matrices = _r_matrices(client, [r.info.run_id for r in runs.values()])
+    results = [_result(key, run, matrices[run.info.run_id]) for key, run in runs.items()]
     frame = runs_frame(results)
-    return frame.sort_values(["label", "order", "seed"], kind="stable").reset_index(drop=True)
+    if config_key is not None:
+        frame = _select_config(frame, experiment, config_key)
+    if latest and not frame.empty:
+        started = {run.info.run_id: run.info.start_time or 0 for run in runs.values()}
+        frame = _latest_configs(frame, started)
+    return frame.sort_values(["label", "config", "order", "seed"], kind="stable").reset_index(
+        drop=True
+    )
 
 
 def write_report(
@@ -67,12 +173,20 @@ def write_report(
     out_dir: str | Path,
     formats: list[str] | tuple[str, ...] = ("md",),
     tracking_uri: str | None = None,
+    *,
+    config_key: str | None = None,
+    latest: bool = False,
 ) -> dict[str, Path]:
-    """Summary table(s), per-method R heatmaps and accuracy curves for ``experiment``."""
+    """Summary table(s), per-configuration R heatmaps and accuracy curves for ``experiment``.
+
+    ``config_key`` and ``latest`` select configurations as in :func:`load_experiment`. The
+    returned paths are keyed by format (``md``, ``csv``, ``latex``), ``runs``,
+    ``heatmap_<display name>`` and ``curves``.
+    """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"--format {unknown[0]!r} is unknown; accepted: {', '.join(FORMATS)}")
-    runs = load_experiment(experiment, tracking_uri)
+    runs = load_experiment(experiment, tracking_uri, config_key=config_key, latest=latest)
     if runs.empty:
         raise ValueError(f"experiment {experiment!r} has no finished runs to report")
     out = Path(out_dir)
@@ -88,17 +202,26 @@ def write_report(
         name, writer = writers[fmt]
         (out / name).write_text(writer(summary))
         written[fmt] = out / name
-    runs.drop(columns=["R", "random_init", "tasks", "error"]).to_csv(out / "runs.csv", index=False)
+    runs_table(runs).to_csv(out / "runs.csv", index=False)
     written["runs"] = out / "runs.csv"
-    for label in summary["label"]:
-        R, b, tasks = mean_r(runs, label)
-        n = int((runs["label"] == label).sum())
-        path = out / f"r_matrix_{label}.png"
-        plots.r_heatmap(R, tasks, b, path, title=f"{label}: mean R over {n} runs")
-        written[f"heatmap_{label}"] = path
+    curves = avg_acc_curves(runs)
+    files: set[str] = set()
+    for name, key in zip(summary["label"], summary["config_key"], strict=True):
+        averaged = mean_r(runs, name)
+        if averaged is None:  # no finished run with a full R: nothing to draw
+            continue
+        R, b, tasks = averaged
+        stem = safe_name(name)
+        if stem in files:
+            stem = f"{stem}_{str(key)[:8]}"
+        files.add(stem)
+        path = out / f"r_matrix_{stem}.png"
+        n = len(curves.get(name, []))
+        plots.r_heatmap(R, tasks, b, path, title=f"{name}: mean R over {n} runs")
+        written[f"heatmap_{name}"] = path
     curves_path = out / "avg_accuracy.png"
     plots.accuracy_curves(
-        avg_acc_curves(runs),
+        curves,
         curves_path,
         title=f"{experiment}: average accuracy on tasks seen (mean ± std)",
     )

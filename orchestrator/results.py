@@ -1,8 +1,20 @@
-"""Run results as a pandas DataFrame, their aggregation over seeds, and summary tables."""
+"""Run results as a pandas DataFrame, their aggregation per configuration, and summary tables.
+
+A *configuration* is everything that defines a run except its seed, its task order and its
+label (a name, not a setting): runs of one configuration, those sharing a ``config_key``, are
+what the tables average over. A run without a config key (frames built by hand, old
+experiments without params) falls back to grouping by its label. Each configuration has a
+display name (:func:`config_names`): its bare label when the label has one configuration in
+the frame, else the label plus the params that tell its configurations apart, e.g.
+``finetune (train.lr=0.05)``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +40,22 @@ RUN_COLUMNS = (
     "random_init",
     "R",
     "error",
+    "config_key",
+    "config",
+    "code_hash",
+    "attempts",
+    "at_chance",
+    "params",
 )
+NON_CSV_COLUMNS = ("R", "random_init", "tasks", "params")
+"""Columns holding lists or dicts: left out of ``runs.csv`` (see :func:`runs_table`)."""
+DONE = ("FINISHED", "SKIPPED")
+NOT_CONFIG_PARAMS = frozenset({"label", "seed", "stream.task_order"})
+"""Params that vary inside one configuration (and so are left out of its derived key)."""
+NOT_SHOWN_PARAMS = NOT_CONFIG_PARAMS | {"method"}
+"""Params never used to tell a label's configurations apart in display names."""
+MAX_SHOWN_PARAMS = 3
+MAX_VALUE_CHARS = 24
 
 
 @dataclass
@@ -47,6 +74,11 @@ class RunResult:
     metrics: dict[str, float | None] | None = None
     train_time_s: float | None = None
     error: str | None = None
+    config_key: str | None = None
+    code_hash: str | None = None
+    params: dict[str, str] | None = None  # the flattened resolved config (MLflow params)
+    attempts: int = 1
+    at_chance: bool | None = None
 
     def row(self) -> dict[str, Any]:
         metrics = self.metrics or {}
@@ -65,14 +97,297 @@ class RunResult:
             "random_init": self.r.random_init if self.r else None,
             "R": self.r.R if self.r else None,
             "error": self.error,
+            "config_key": self.config_key,
+            "config": None,  # filled in by runs_frame: it depends on the other runs
+            "code_hash": self.code_hash,
+            "attempts": self.attempts,
+            "at_chance": self.at_chance,
+            "params": dict(self.params) if self.params is not None else None,
         }
 
 
+# ---------------------------------------------------------------------- configurations
+def derive_config_key(params: dict[str, str]) -> str:
+    """A config key for a run that lacks the ``config_key`` tag (experiments logged before it).
+
+    The 16-hex-digit SHA-256 of its sorted params minus ``label``, ``seed`` and
+    ``stream.task_order``, so runs differing only in seed or task order share it.
+    """
+    kept = {k: str(v) for k, v in sorted(params.items()) if k not in NOT_CONFIG_PARAMS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _config_keys(results: list[RunResult]) -> list[str | None]:
+    """Each run's config key: its tag, else derived from its params.
+
+    A run without the tag whose params match those of a tagged run of the same frame gets
+    that run's key, so an experiment mixing runs logged before and after the tag existed
+    still groups by configuration.
+    """
+    derived = [derive_config_key(r.params) if r.params else None for r in results]
+    adopted = {d: r.config_key for r, d in zip(results, derived, strict=True) if r.config_key and d}
+    return [
+        r.config_key or (adopted.get(d, d) if d else None)
+        for r, d in zip(results, derived, strict=True)
+    ]
+
+
+Group = tuple[str, str]
+"""A configuration in a frame: ("key", config_key), or ("label", label) without a key."""
+
+
+def _labels(frame: pd.DataFrame) -> list[str]:
+    return [str(v) for v in frame["label"]] if "label" in frame else ["?"] * len(frame)
+
+
+def _group_keys(frame: pd.DataFrame) -> list[Group]:
+    """Per row, the configuration it belongs to: its config key, else its label."""
+    keys = list(frame["config_key"]) if "config_key" in frame else [None] * len(frame)
+    return [
+        ("label", lab) if _missing(k) else ("key", str(k))
+        for lab, k in zip(_labels(frame), keys, strict=True)
+    ]
+
+
+def _key_of(group: Group) -> str | None:
+    return group[1] if group[0] == "key" else None
+
+
+def _short_value(value: Any) -> str:
+    if _missing(value):
+        return "unset"
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if not text.lstrip("-").isdigit() and math.isfinite(number):
+            text = f"{number:.6g}"
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+
+
+def _param_order(key: str) -> tuple[int, str]:
+    prefixes = ("hparams.", "train.", "model.", "stream.")
+    rank = next((i for i, p in enumerate(prefixes) if key.startswith(p)), len(prefixes))
+    return rank, key
+
+
+def config_names(frame: pd.DataFrame) -> pd.Series:
+    """Display name of each row's configuration, indexed like ``frame``.
+
+    The bare label when that label has one configuration in the frame; else the label plus
+    the params (at most three, hyperparameters first) whose values differ between that
+    label's configurations, e.g. ``finetune (train.lr=0.05)``. Seed, label, task order and
+    method never count as a difference. Where params cannot tell two configurations apart,
+    the name ends with the first 8 digits of the config key, e.g. ``finetune [3f2a9c01]``.
+    A configuration whose runs carry several labels (it was renamed) is named after all of
+    them, ``old/new``.
+    """
+    groups = _group_keys(frame)
+    params_col = list(frame["params"]) if "params" in frame else [None] * len(frame)
+    params: dict[Group, dict[str, str]] = {}
+    labels: dict[Group, list[str]] = {}
+    for g, p, lab in zip(groups, params_col, _labels(frame), strict=True):
+        if g not in params and isinstance(p, dict):
+            params[g] = p
+        if lab not in labels.setdefault(g, []):
+            labels[g].append(lab)
+    by_label: dict[str, list[Group]] = {}
+    for g, labs in labels.items():
+        by_label.setdefault("/".join(labs), []).append(g)
+    names: dict[Group, str] = {}
+    for label, configs in by_label.items():
+        if len(configs) == 1:
+            names[configs[0]] = label
+            continue
+        shown = {k for c in configs for k in params.get(c, {})} - NOT_SHOWN_PARAMS
+        differing = sorted(
+            (k for k in shown if len({str(params.get(c, {}).get(k)) for c in configs}) > 1),
+            key=_param_order,
+        )
+        for c in configs:
+            if c not in params or not differing:
+                names[c] = f"{label} [{(_key_of(c) or 'no key')[:8]}]"
+                continue
+            parts = [f"{k}={_short_value(params[c].get(k))}" for k in differing[:MAX_SHOWN_PARAMS]]
+            more = ", …" if len(differing) > MAX_SHOWN_PARAMS else ""
+            names[c] = f"{label} ({', '.join(parts)}{more})"
+        taken = [names[c] for c in configs]
+        for c in configs:
+            if taken.count(names[c]) > 1:
+                names[c] = f"{names[c]} [{(_key_of(c) or 'no key')[:8]}]"
+    return pd.Series([names[g] for g in groups], index=frame.index, dtype=object)
+
+
+def _names(frame: pd.DataFrame) -> list[str]:
+    """The frame's ``config`` column when it names each configuration once, else recomputed.
+
+    A frame filtered from a larger one keeps the names it was given (they say which of the
+    label's configurations it holds); frames concatenated by hand get fresh, unique names.
+    """
+    groups = _group_keys(frame)
+    if "config" in frame and len(frame):
+        given = list(frame["config"])
+        if not any(_missing(v) for v in given):
+            pairs = set(zip(groups, map(str, given), strict=True))
+            if len(pairs) == len({g for g, _ in pairs}) == len({n for _, n in pairs}):
+                return [str(v) for v in given]
+    return [str(v) for v in config_names(frame)]
+
+
 def runs_frame(results: list[RunResult]) -> pd.DataFrame:
-    """One row per run with its metrics and R matrix."""
-    return pd.DataFrame([r.row() for r in results], columns=list(RUN_COLUMNS))
+    """One row per run with its metrics, R matrix, configuration key and display name."""
+    rows = [r.row() for r in results]
+    for row, key in zip(rows, _config_keys(results), strict=True):
+        row["config_key"] = key
+    frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    if len(frame):
+        frame["config"] = config_names(frame).to_numpy()
+    return frame
 
 
+def runs_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The csv-safe columns of a runs frame, for ``runs.csv``.
+
+    Leaves out the list and dict columns (R, random_init, tasks, params) and keeps only the
+    last line of each ``error`` (the full traceback is the run's ``error.txt`` artifact).
+    """
+    table = frame.drop(columns=[c for c in NON_CSV_COLUMNS if c in frame])
+    if "error" in table:
+        table = table.assign(error=[last_error_line(e) for e in table["error"]])
+    return table
+
+
+def last_error_line(error: Any) -> str | None:
+    """The last non-empty line of an error text (its exception), at most 300 characters."""
+    if _missing(error) or not str(error).strip():
+        return None
+    return str(error).strip().splitlines()[-1].strip()[:300]
+
+
+def run_name(row: pd.Series | dict[str, Any]) -> str:
+    """``label-s<seed>``, with ``-o<order>`` for task orders after the first (as in MLflow)."""
+    label = str(row.get("label", "?"))
+    seed = row.get("seed")
+    order = row.get("order")
+    name = label if _missing(seed) else f"{label}-s{int(seed)}"
+    if not _missing(order) and int(order):
+        name += f"-o{int(order)}"
+    return name
+
+
+# ---------------------------------------------------------------------- R matrices
+def _matrix(value: Any) -> np.ndarray | None:
+    """A 2-D float array of an R-like cell, or None when missing, empty or ragged."""
+    if value is None or isinstance(value, float):
+        return None
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return array if array.ndim == 2 and array.size else None
+
+
+def _full_shape(group: pd.DataFrame) -> tuple[int, int] | None:
+    """The shape of a complete R in this configuration: that of its finished runs' longest R."""
+    if "R" not in group:
+        return None
+    done = group["status"].isin(DONE) if "status" in group else pd.Series(True, group.index)
+    for candidates in (group[done], group):
+        shapes = [m.shape for m in map(_matrix, candidates["R"]) if m is not None]
+        if shapes:
+            rows = max(s[0] for s in shapes)
+            return next(s for s in shapes if s[0] == rows)
+    return None
+
+
+def _stackable(group: pd.DataFrame) -> pd.DataFrame:
+    """The finished (or skipped) runs of one configuration whose R has the full shape."""
+    shape = _full_shape(group)
+    if shape is None:
+        return group.iloc[0:0]
+    statuses = group["status"] if "status" in group else ["FINISHED"] * len(group)
+    keep = [
+        status in DONE and (m := _matrix(r)) is not None and m.shape == shape
+        for status, r in zip(statuses, group["R"], strict=True)
+    ]
+    return group[keep]
+
+
+def _short(group: pd.DataFrame) -> pd.DataFrame:
+    """Runs (any status) of one configuration whose R has fewer rows than the full one."""
+    shape = _full_shape(group)
+    if shape is None:
+        return group.iloc[0:0]
+    keep = [(m := _matrix(r)) is not None and m.shape[0] < shape[0] for r in group["R"]]
+    return group[keep]
+
+
+def _by_config(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(display name, rows) per configuration, in order of first appearance."""
+    names = _names(runs)
+    groups = _group_keys(runs)
+    order: dict[Group, list[int]] = {}
+    for position, g in enumerate(groups):
+        order.setdefault(g, []).append(position)
+    return [(names[rows[0]], runs.iloc[rows]) for rows in order.values()]
+
+
+def mean_r(runs: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray | None, list[str]] | None:
+    """Mean R matrix, mean random-init row and task names of one configuration.
+
+    ``name`` is the display name (the ``config`` column; the ``label`` of :func:`summarize`).
+    Only finished or skipped runs with a full-length R are averaged; None when there is none.
+    """
+    group = dict(_by_config(runs)).get(name)
+    if group is None:
+        return None
+    usable = _stackable(group)
+    if usable.empty:
+        return None
+    R = np.mean([_matrix(r) for r in usable["R"]], axis=0)
+    width = R.shape[1]
+    inits = []
+    if "random_init" in usable:
+        for b in usable["random_init"]:
+            row = np.asarray(b, dtype=float) if isinstance(b, list | tuple) else None
+            if row is not None and row.shape == (width,):
+                inits.append(row)
+    b = np.mean(inits, axis=0) if inits else None
+    tasks = usable["tasks"].iloc[0] if "tasks" in usable else None
+    if not isinstance(tasks, list | tuple) or len(tasks) != width:
+        tasks = [str(j) for j in range(width)]
+    return R, b, [str(t) for t in tasks]
+
+
+def avg_acc_curves(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per configuration (display name), an array (runs, tasks) of the average accuracy on the
+    tasks seen after each task.
+
+    Only finished or skipped runs with a full-length R count; a configuration without any
+    (every run failed) is left out.
+    """
+    curves: dict[str, np.ndarray] = {}
+    if "R" not in runs:
+        return curves
+    for name, group in _by_config(runs):
+        usable = _stackable(group)
+        if usable.empty:
+            continue
+        per_run = []
+        for R in usable["R"]:
+            R = _matrix(R)
+            per_run.append([R[i, : i + 1].mean() for i in range(R.shape[0])])
+        curves[name] = np.asarray(per_run)
+    return curves
+
+
+# ---------------------------------------------------------------------- summary
 def _ci95(values: np.ndarray) -> float:
     n = len(values)
     if n < 2:
@@ -80,20 +395,58 @@ def _ci95(values: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
+SUMMARY_EXTRA = (
+    "failed",
+    "failed_runs",
+    "errors",
+    "short",
+    "short_runs",
+    "at_chance",
+    "config_key",
+)
+SUMMARY_COLUMNS = (
+    "label",
+    "method",
+    "n",
+    *(f"{m}_{s}" for m in METRICS for s in ("mean", "std", "ci95")),
+    *SUMMARY_EXTRA,
+)
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per label: number of finished runs and mean / std / 95% CI half-width of each metric."""
+    """One row per configuration, in order of first appearance.
+
+    ``label`` is the configuration's display name (:func:`config_names`); ``n`` counts its
+    finished (or skipped) runs, whose metrics give the mean / std / 95% CI half-width columns.
+    Then ``failed`` (count) with ``failed_runs`` (run names such as ``ewc-s1``) and
+    ``errors`` (their last error lines, "" where unknown); ``short`` (count) with
+    ``short_runs``: runs of any status whose R has fewer rows than the configuration's full
+    R, left out of curves and heatmaps; ``at_chance``: finished runs flagged at chance; and
+    ``config_key``. A configuration whose every run failed has a row with ``n`` = 0.
+    """
     rows = []
-    for label, every in runs.groupby("label", sort=False):
-        group = every[every["status"].isin(["FINISHED", "SKIPPED"])]
-        row: dict[str, Any] = {"label": label, "method": every["method"].iloc[0], "n": len(group)}
+    for name, every in _by_config(runs):
+        status = every["status"] if "status" in every else pd.Series("FINISHED", every.index)
+        group = every[status.isin(DONE)]
+        key = _key_of(_group_keys(every.iloc[:1])[0])
+        row: dict[str, Any] = {"label": name, "method": every["method"].iloc[0], "n": len(group)}
         for m in METRICS:
-            values = group[m].dropna().to_numpy(dtype=float)
+            values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             row[f"{m}_ci95"] = _ci95(values)
-        row["failed"] = int((every["status"] == "FAILED").sum())
+        failed = every[status == "FAILED"]
+        row["failed"] = len(failed)
+        row["failed_runs"] = [run_name(r) for _, r in failed.iterrows()]
+        row["errors"] = [last_error_line(r.get("error")) or "" for _, r in failed.iterrows()]
+        short = _short(every) if "R" in every else every.iloc[0:0]
+        row["short"] = len(short)
+        row["short_runs"] = [run_name(r) for _, r in short.iterrows()]
+        flagged = group["at_chance"] if "at_chance" in group else pd.Series([], dtype=object)
+        row["at_chance"] = sum(not _missing(v) and str(v).lower() == "true" for v in flagged)
+        row["config_key"] = key
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
 def _cell(mean: float, std: float, pct: bool = True) -> str:
@@ -105,15 +458,33 @@ def _cell(mean: float, std: float, pct: bool = True) -> str:
     return f"{mean * scale:.2f} ± {std * scale:.2f}"
 
 
+def _count(summary: pd.DataFrame, column: str) -> pd.Series:
+    if column not in summary:
+        return pd.Series(0, index=summary.index)
+    return summary[column].fillna(0).astype(int)
+
+
 def table_rows(summary: pd.DataFrame, spread: str = "std") -> tuple[list[str], list[list[str]]]:
-    """Header and string cells in %: mean ± std over seeds, or mean ± 95% CI (``spread="ci95"``)."""
-    any_failed = bool(summary["failed"].sum())
-    header = ["method", "n", *(["failed"] if any_failed else []), *[f"{m} (%)" for m in METRICS]]
+    """Header and string cells in %: mean ± std over seeds, or mean ± 95% CI (``spread="ci95"``).
+
+    A ``failed`` column appears when any run failed, an ``at chance`` column when any
+    finished run is flagged at chance level.
+    """
+    failed, chance = _count(summary, "failed"), _count(summary, "at_chance")
+    any_failed, any_chance = bool(failed.sum()), bool(chance.sum())
+    header = [
+        "method",
+        "n",
+        *(["failed"] if any_failed else []),
+        *(["at chance"] if any_chance else []),
+        *[f"{m} (%)" for m in METRICS],
+    ]
     rows = []
-    for _, s in summary.iterrows():
-        failed = [str(int(s["failed"]))] if any_failed else []
+    for i, (_, s) in enumerate(summary.iterrows()):
+        extra = [str(failed.iloc[i])] if any_failed else []
+        extra += [str(chance.iloc[i])] if any_chance else []
         cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"]) for m in METRICS]
-        rows.append([str(s["label"]), str(int(s["n"])), *failed, *cells])
+        rows.append([str(s["label"]), str(int(s["n"])), *extra, *cells])
     return header, rows
 
 
@@ -122,12 +493,37 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    if _missing(value) or not str(value):
+        return []
+    return [v.strip() for v in str(value).split(";")]
+
+
+def failure_lines(summary: pd.DataFrame) -> list[str]:
+    """``name: last error line`` (or just the name) of every failed run in ``summary``."""
+    lines = []
+    for _, s in summary.iterrows():
+        names = _as_list(s.get("failed_runs"))
+        errors = _as_list(s.get("errors"))
+        for i, name in enumerate(names):
+            error = errors[i] if i < len(errors) else ""
+            lines.append(f"{name}: {error}" if error else name)
+    return lines
+
+
 def to_markdown(summary: pd.DataFrame) -> str:
-    """Mean ± std over seeds, then mean ± half-width of the 95% t-interval of the mean."""
+    """Mean ± std over seeds, then mean ± half-width of the 95% t-interval of the mean, then
+    the failed runs by name with their last error line."""
     lines = ["Mean ± standard deviation over seeds (accuracy points, %):", ""]
     lines += _markdown_table(*table_rows(summary, "std"))
     lines += ["", "Mean ± half-width of the 95% confidence interval (Student t, n − 1 dof):", ""]
     lines += _markdown_table(*table_rows(summary, "ci95"))
+    failures = failure_lines(summary)
+    if failures:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
 
 
@@ -154,24 +550,15 @@ def to_latex(summary: pd.DataFrame) -> str:
 
 
 def to_csv(summary: pd.DataFrame) -> str:
-    return summary.to_csv(index=False)
+    """Every statistic; list columns (failed_runs, errors, short_runs) joined with "; "."""
+    table = summary.copy()
+    for column in ("failed_runs", "errors", "short_runs"):
+        if column in table:
+            table[column] = ["; ".join(_as_list(v)) for v in table[column]]
+    return table.to_csv(index=False)
 
 
-def mean_r(runs: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Mean R matrix and mean random-init row of a label's finished runs, and task names."""
-    group = runs[(runs["label"] == label) & runs["R"].notna()]
-    R = np.mean([np.asarray(r, dtype=float) for r in group["R"]], axis=0)
-    b = np.mean([np.asarray(r, dtype=float) for r in group["random_init"]], axis=0)
-    return R, b, list(group["tasks"].iloc[0])
-
-
-def avg_acc_curves(runs: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Per label, an array (runs, tasks) of average accuracy on tasks seen after each task."""
-    curves: dict[str, np.ndarray] = {}
-    for label, group in runs[runs["R"].notna()].groupby("label", sort=False):
-        per_run = []
-        for R in group["R"]:
-            R = np.asarray(R, dtype=float)
-            per_run.append([R[i, : i + 1].mean() for i in range(R.shape[0])])
-        curves[str(label)] = np.asarray(per_run)
-    return curves
+def safe_name(name: str) -> str:
+    """A filesystem-safe version of a display name: ``finetune (train.lr=0.05)`` becomes
+    ``finetune_train.lr=0.05``."""
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", name).strip("_.") or "config"

@@ -79,6 +79,7 @@ class StreamRunner:
         from learners import ModelConfig, TrainConfig, build_learner
         from learners.evaluation import iter_stream, r_matrix_from_events
         from learners.hparams import build_dataclass
+        from learners.metrics import chance_accuracy
         from orchestrator.config import import_plugins
         from task_streams import StreamConfig, build_stream
 
@@ -107,6 +108,8 @@ class StreamRunner:
             "kind": "start",
             "tasks": [t.name for t in stream],
             "scenario": stream.scenario,
+            "chance": chance_accuracy(stream.info),
+            "test_counts": [t.num_test for t in stream],
             "setup_time_s": time.perf_counter() - started,
             "resumed_from_task": learner.tasks_learned if saved is not None else None,
             **self.info(),

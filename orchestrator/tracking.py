@@ -6,17 +6,22 @@ process writes the (default SQLite) store however many actors run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from learners import ConfigError
@@ -38,28 +43,93 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def check_reachable(uri: str) -> None:
-    """Fail fast (ConfigError) when an HTTP tracking server does not answer."""
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast (ConfigError) when an HTTP tracking server does not answer its /health.
+
+    One request, no retries, in a daemon thread waited on for at most ``2 * timeout_s + 1``
+    seconds: connect and read timeouts do not cover a slow name lookup, this does.
+    """
     if not uri.startswith(("http://", "https://")):
         return
+    import threading
+
     import requests
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except requests.RequestException as err:
+    outcome: dict[str, str] = {}
+
+    def probe() -> None:
+        try:
+            url = uri.rstrip("/") + "/health"
+            requests.get(url, timeout=(timeout_s, timeout_s)).raise_for_status()
+            outcome["ok"] = "yes"
+        except Exception as err:  # any failure means: not a tracking server we can use
+            outcome["error"] = type(err).__name__
+
+    wait_s = 2 * timeout_s + 1
+    thread = threading.Thread(target=probe, name="lia-check-reachable", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if "ok" not in outcome:
+        reason = outcome.get("error", f"no answer in {wait_s:g} s")
         raise ConfigError(
-            f"tracking.uri={uri!r} is unreachable ({type(err).__name__}); start "
+            f"tracking.uri={uri!r} is unreachable ({reason}); start "
             "the MLflow server or point tracking.uri / MLFLOW_TRACKING_URI at a "
             "reachable one"
-        ) from None
+        )
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file does not exist yet (reading it would create it)."""
+    path = sqlite_path(uri)
+    return path is None or path.is_file()
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """Serialise the first touch of a SQLite store between processes (schema creation).
+
+    Two invocations starting on a fresh ``mlflow.db`` would both create the schema and one
+    fails ("duplicate column name"). The lock is a hidden file beside the database.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An MlflowClient whose store is initialised (schema created once, under a lock)."""
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
 class Tracker:
-    """The driver's MLflow writer for one experiment."""
+    """The driver's MLflow writer for one experiment.
+
+    Opening it writes nothing: a missing SQLite file or experiment is only created by
+    :meth:`ensure_experiment`, once the invocation has work to log.
+    """
 
     def __init__(
         self,
@@ -68,38 +138,106 @@ class Tracker:
         artifact_location: str | None = None,
         flush_interval_s: float = 2.0,
     ):
-        check_reachable(uri)
         self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
         # per-task rows are buffered per run and written at most every flush_interval_s
         # (and always when the run ends), so fast runs do not turn into a write per task
         self.flush_interval_s = flush_interval_s
         self._buffer: dict[str, list[Metric]] = {}
         self._last_flush: dict[str, float] = {}
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment,
-                artifact_location=artifact_location,
-                # the MLflow 3 UI then opens on runs and charts, not on GenAI traces
-                tags={"mlflow.experimentKind": "custom_model_development"},
-            )
-        else:
-            self.experiment_id = found.experiment_id
-        self.experiment = experiment
+        self.client: MlflowClient | None = None
+        self.experiment_id: str | None = None
+        if store_exists(uri):
+            self.client = open_client(uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+
+    def ensure_experiment(self) -> str:
+        """The experiment's id, creating the store and the experiment if needed (race-safe)."""
+        if self.client is None:
+            self.client = open_client(self.uri)
+        if self.experiment_id is None:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment,
+                    artifact_location=self.artifact_location,
+                    # the MLflow 3 UI then opens on runs and charts, not on GenAI traces
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
+            except MlflowException:  # another invocation created it a moment ago
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                self.experiment_id = found.experiment_id
+        return self.experiment_id
 
     # ------------------------------------------------------------------ reading
-    def finished_runs(self) -> dict[str, Any]:
-        """FINISHED child runs of this experiment by run key (latest wins)."""
-        return finished_child_runs(self.client, [self.experiment_id])
+    def finished_runs(self, key: str = "run_key") -> dict[str, Any]:
+        """FINISHED child runs of this experiment by ``key`` tag (latest wins)."""
+        if self.client is None or self.experiment_id is None:
+            return {}
+        return finished_child_runs(self.client, [self.experiment_id], key)
+
+    def finished_run(self, run_key: str) -> Any | None:
+        """The latest FINISHED child run with ``run_key``, if any."""
+        if self.client is None or self.experiment_id is None:
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'FINISHED' and tags.run_key = '{run_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def reconcile(self, own_parent: str | None = None, run_key: str | None = None) -> list[str]:
+        """End (KILLED, with a reason) the RUNNING runs whose invocation is dead.
+
+        ``run_key`` limits it to that run's children. Returns the names of the runs ended.
+        """
+        if self.client is None or self.experiment_id is None:
+            return []
+        query = "attributes.status = 'RUNNING'"
+        if run_key is not None:
+            query += f" and tags.run_key = '{run_key}'"
+        running = self.client.search_runs([self.experiment_id], query, max_results=5000)
+        parents: dict[str, Any] = {}
+        ended = []
+        for run in running:
+            tags = run.data.tags
+            parent_id = tags.get(PARENT_TAG) if tags.get("lia.kind") == "run" else None
+            invocation_id = parent_id or run.info.run_id
+            if invocation_id == own_parent:
+                continue
+            if invocation_id not in parents:
+                parents[invocation_id] = (
+                    run if parent_id is None else _get_run(self.client, parent_id)
+                )
+            alive, why = invocation_alive(parents[invocation_id])
+            if alive:
+                continue
+            reason = f"ended by a later invocation: {why}"
+            self.client.set_tag(run.info.run_id, "lia.end_reason", reason)
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_name or run.info.run_id)
+        return ended
 
     # ------------------------------------------------------------------ parent run
     def start_parent(self, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:
+        """The invocation's parent run, tagged with what tells later invocations it is alive."""
         run = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={"lia.kind": "invocation", **tags}
+            self.ensure_experiment(),
+            run_name=run_name,
+            tags={"lia.kind": "invocation", **liveness_tags(), **tags},
         )
         self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
         return run.info.run_id
+
+    def heartbeat(self, run_id: str) -> None:
+        """Refresh the parent's heartbeat (how other hosts tell this invocation is alive)."""
+        self.client.set_tag(run_id, "lia.heartbeat", f"{time.time():.0f}")
 
     def finish_parent(
         self, run_id: str, artifacts: dict[str, str | bytes], status: str = "FINISHED"
@@ -109,7 +247,9 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     # ------------------------------------------------------------------ child runs
-    def start_child(self, spec: RunSpec, parent_id: str) -> str:
+    def start_child(
+        self, spec: RunSpec, parent_id: str, extra_tags: dict[str, str] | None = None
+    ) -> str:
         stream = spec.resolved["stream"]
         tags = {
             PARENT_TAG: parent_id,
@@ -119,7 +259,12 @@ class Tracker:
             "stream": stream["name"],
             "seed": str(spec.seed),
             "order": str(spec.order_index),
+            "config_key": spec.config_key,
+            "instance_key": spec.instance_key,
+            "code_hash": spec.code_hash,
+            "attempts": "1",
             "lia.kind": "run",
+            **(extra_tags or {}),
         }
         run = self.client.create_run(self.experiment_id, run_name=spec.run_name, tags=tags)
         run_id = run.info.run_id
@@ -142,6 +287,16 @@ class Tracker:
                     if event.get("resumed_from_task") is not None
                     else []
                 ),
+            ],
+        )
+
+    def log_attempt(self, run_id: str, attempt: int, previous_error: str) -> None:
+        """A retried run: how many attempts so far and why the previous one ended."""
+        self.client.log_batch(
+            run_id,
+            tags=[
+                RunTag("attempts", str(attempt)),
+                RunTag(f"attempt_{attempt - 1}_error", previous_error[:500] or "unknown"),
             ],
         )
 
@@ -191,8 +346,9 @@ class Tracker:
         metrics: Metrics,
         totals: dict[str, float],
         files: dict[str, bytes] | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
-        """Final metrics, the R-matrix artifacts and FINISHED status."""
+        """Final metrics, the R-matrix artifacts, ``tags`` and FINISHED status."""
         self.flush(run_id)
         ts = _now_ms()
         step = r.num_tasks - 1
@@ -203,9 +359,12 @@ class Tracker:
         ]
         final += [Metric(k, float(v), ts, step) for k, v in totals.items()]
         self._log_metrics(run_id, final)
-        tags = [RunTag(f"undefined.{name}", reason) for name, reason in metrics.undefined.items()]
-        if tags:
-            self.client.log_batch(run_id, tags=tags)
+        run_tags = [RunTag(k, v) for k, v in (tags or {}).items()]
+        run_tags += [
+            RunTag(f"undefined.{name}", reason) for name, reason in metrics.undefined.items()
+        ]
+        if run_tags:
+            self.client.log_batch(run_id, tags=run_tags)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "r_matrix.json").write_text(r.to_json())
             (Path(tmp) / "r_matrix.csv").write_text(r.to_csv())
@@ -242,8 +401,10 @@ class Tracker:
             self.client.log_text(run_id, content, name)
 
 
-def finished_child_runs(client: MlflowClient, experiment_ids: list[str]) -> dict[str, Any]:
-    """FINISHED runs carrying a ``run_key`` tag, by key; the latest run wins on duplicates."""
+def finished_child_runs(
+    client: MlflowClient, experiment_ids: list[str], key: str = "run_key"
+) -> dict[str, Any]:
+    """FINISHED runs carrying a ``key`` tag (run_key), by its value; the latest run wins."""
     runs: dict[str, Any] = {}
     token = None
     while True:
@@ -255,9 +416,9 @@ def finished_child_runs(client: MlflowClient, experiment_ids: list[str]) -> dict
             page_token=token,
         )
         for run in page:
-            key = run.data.tags.get("run_key")
-            if key:
-                runs[key] = run
+            value = run.data.tags.get(key)
+            if value:
+                runs[value] = run
         token = page.token
         if not token:
             return runs
@@ -276,10 +437,68 @@ def load_r_matrices(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, R
         return dict(zip(run_ids, pool.map(fetch, run_ids), strict=True))
 
 
+def _get_run(client: MlflowClient, run_id: str) -> Any | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+HEARTBEAT_S = 15.0
+"""how often a live invocation refreshes its parent's ``lia.heartbeat`` tag"""
+STALE_AFTER_S = 120.0
+"""an invocation on another host whose heartbeat is older than this is taken for dead"""
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def liveness_tags() -> dict[str, str]:
+    """Who this invocation is: host, process and its start time, and a first heartbeat."""
+    pid = os.getpid()
+    return {
+        "lia.host": socket.gethostname(),
+        "lia.pid": str(pid),
+        "lia.pid_started": f"{_process_started(pid) or 0:.3f}",
+        "lia.heartbeat": f"{time.time():.0f}",
+    }
+
+
+def invocation_alive(parent: Any | None) -> tuple[bool, str]:
+    """Whether the invocation owning ``parent`` (its parent run) still runs, and why not.
+
+    On this host its process is looked up (pid and start time, so a reused pid does not
+    count); on another host its heartbeat must be recent.
+    """
+    if parent is None:
+        return False, "its parent run is gone"
+    if parent.info.status != "RUNNING":
+        return False, f"its invocation ended ({parent.info.status})"
+    tags = parent.data.tags
+    if "lia.pid" not in tags:
+        return False, "its invocation predates liveness records"
+    host, pid = tags.get("lia.host"), int(tags["lia.pid"])
+    if host == socket.gethostname():
+        started = _process_started(pid)
+        recorded = float(tags.get("lia.pid_started", 0))
+        if started is not None and abs(started - recorded) < 1.0:
+            return True, ""
+        return False, f"its driver (pid {pid} on {host}) is no longer running"
+    age = time.time() - float(tags.get("lia.heartbeat", 0))
+    if age < STALE_AFTER_S:
+        return True, ""
+    return False, f"its driver on {host} sent no heartbeat for {age:.0f} s"
+
+
 __all__ = [
     "Tracker",
     "check_reachable",
     "finished_child_runs",
+    "invocation_alive",
     "load_r_matrices",
     "resolve_tracking_uri",
 ]

@@ -47,6 +47,21 @@ class DieOnceOnTask2(FineTune):
         if task.id == 2 and not marker.exists():
             marker.touch()
             os._exit(1)
+
+
+@register("sigkill_once_on_task_2")
+class SigkillOnceOnTask2(FineTune):
+    """Fine-tuning whose worker is SIGKILLed at task 2 the first time only (a marker remembers)."""
+
+    def before_task(self, task):
+        import os
+        import signal
+        from pathlib import Path
+
+        marker = Path(os.environ["LIA_TEST_MARKERS"]) / f"sigkilled-{self.seed}"
+        if task.id == 2 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 

@@ -30,7 +30,7 @@ def test_save_load_round_trip_is_weights_only_and_atomic(tmp_path):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_run_whose_worker_died_resumes_from_its_last_task(tmp_path):
+def test_a_run_whose_worker_died_resumes_from_its_last_task_on_the_next_invocation(tmp_path):
     config = tiny_config(
         tmp_path,
         name="resume",
@@ -39,6 +39,7 @@ def test_a_run_whose_worker_died_resumes_from_its_last_task(tmp_path):
         methods={"finetune": {}, "flaky": {"method": "die_once_on_task_2"}},
     )
     config["checkpoints"] = {"dir": str(tmp_path / "ckpt")}
+    config["retries"] = {"max_retries": 0}  # no automatic retry: the user re-runs the command
     path = write_config(tmp_path, config)
     assert main(["run", str(path), "--no-progress"]) == 1  # the flaky run's worker died
     saved = list((tmp_path / "ckpt").glob("*/latest.pt"))

@@ -199,23 +199,3 @@ def test_class_incremental_runs_leave_fwt_out_with_a_reason(ray_local, tmp_path)
     assert "FWT" not in child.data.metrics and "BWT" in child.data.metrics
     assert "class-incremental" in child.data.tags["undefined.FWT"]
     assert child.data.tags["scenario"] == "class"
-
-
-def test_a_dead_actor_fails_its_run_and_is_replaced(ray_local, tmp_path):
-    config = tiny_config(
-        tmp_path,
-        name="dies",
-        seeds=[0],
-        methods={
-            "dies": {"method": "die_on_task_1"},
-            "finetune": {},
-            "replay": {"buffer_size": 20},
-        },
-        plugins=["lia_test_plugin"],
-    )
-    config["resources"] = {"max_concurrent_runs": 1}  # later runs need the replacement actor
-    rc = main(["run", str(write_config(tmp_path, config)), "--no-progress"])
-    assert rc == 1
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    status = {r.data.tags["label"]: r.info.status for r in _runs(client, "dies", "run")}
-    assert status == {"dies": "FAILED", "finetune": "FINISHED", "replay": "FINISHED"}

@@ -1,0 +1,186 @@
+"""Connecting to Ray, and planning how many StreamRunner actors a cluster fits.
+
+``ensure_ray`` connects to ``ray.address`` / $RAY_ADDRESS (after checking, with a short
+timeout, that something listens there) or starts Ray on this machine. A Ray started here
+listens on the loopback interface only: its node address is 127.0.0.1, which makes every
+server of that instance (GCS, raylet node and object managers, driver and worker gRPC, the
+runtime-env agent; and the dashboard agent's HTTP, gRPC and metrics servers, which a minimal
+install without prometheus_client does not open) bind 127.0.0.1 instead of all interfaces.
+tests/test_ray_binding.py checks it with the sockets the processes actually hold.
+
+``plan_actors`` and ``describe_plan`` are pure functions of the cluster's resources, so a plan
+can be checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from learners import ConfigError
+
+if TYPE_CHECKING:  # orchestrator.config imports learners and streams; keep this module light
+    from orchestrator.config import RayConfig, ResourcesConfig
+
+__all__ = ["LOOPBACK", "check_address", "describe_plan", "ensure_ray", "plan_actors"]
+
+LOOPBACK = "127.0.0.1"
+"""the node address of a Ray instance started by :func:`ensure_ray`"""
+
+_PASS_THROUGH = ("auto", "local")
+
+
+def ensure_ray(config: RayConfig) -> bool:
+    """Connect to ``ray.address`` / $RAY_ADDRESS, or start Ray locally.
+
+    True if this call started or connected Ray (the caller then ``ray.shutdown()``s when
+    done); False if Ray was already initialised in this process.
+
+    An address other than ``auto``/``local`` is checked first (:func:`check_address`), so an
+    unreachable one is a :class:`ConfigError` within seconds instead of a hang in ``ray.init``.
+    ``local`` (or no address) starts a new Ray instance on 127.0.0.1 with ``ray.num_cpus`` /
+    ``ray.num_gpus``; it never attaches to an instance another process started.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        check_address(address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    with _loopback_node_address():
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            _node_ip_address=LOOPBACK,
+        )
+    return True
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep the loopback address.
+
+    Ray's servers bind to loopback only when the node's address is exactly 127.0.0.1, ::1 or
+    localhost, and bind every interface otherwise. But ``ray.init`` passes ``_node_ip_address``
+    through ``services.resolve_ip_for_localhost``, which replaces a loopback address with the
+    machine's network address (``get_node_ip_address``) whenever cluster mode is on, i.e. on
+    Linux always. Turning cluster mode off (what $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does,
+    but that is read once when Ray is imported) makes that lookup answer localhost. The
+    switch is only consulted there and by ``ray start``; it is restored when ``ray.init``
+    returns, and the processes Ray started have the node address on their command lines.
+    """
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before is None:  # a Ray without the switch: leave it as it was
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://`` + either; None otherwise."""
+    rest = address.strip()
+    if rest.startswith("ray://"):
+        rest = rest[len("ray://") :]
+    elif "://" in rest:
+        return None
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+    else:
+        host, sep, port = rest.rpartition(":")
+        if ":" in host:  # a bare IPv6 address without brackets: no port to check
+            return None
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def check_address(address: str, timeout_s: float = 3.0) -> None:
+    """Raise :class:`ConfigError` unless a TCP connection to ``address`` opens in ``timeout_s``.
+
+    ``host:port`` and ``ray://host:port`` are checked; ``auto``, ``local`` and any other form
+    are left to Ray unchanged.
+    """
+    if address in _PASS_THROUGH:
+        return
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as err:
+        if isinstance(err, TimeoutError):
+            reason = f"no answer within {timeout_s:g} s"
+        else:
+            reason = err.strerror or str(err)
+        raise ConfigError(
+            f"ray.address={address} is unreachable ({reason}); "
+            "start the cluster (ray start --head) or fix ray.address / $RAY_ADDRESS"
+        ) from None
+
+
+def plan_actors(
+    resources: ResourcesConfig,
+    pending: int,
+    cluster: Mapping[str, float] | None = None,
+) -> tuple[int, float, float]:
+    """(number of actors, CPUs per actor, GPUs per actor) for what the cluster offers.
+
+    ``cluster`` is Ray's resources dict (``{"CPU": 8.0, "GPU": 2.0, ...}``); None reads
+    ``ray.cluster_resources()``. At most ``pending`` actors (at least 1), at most
+    ``resources.max_concurrent_runs`` when that is set. A request no node of the cluster can
+    meet raises :class:`ConfigError` naming the key and the accepted maximum.
+    """
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    have_cpus = float(cluster.get("CPU", 0.0))
+    have_gpus = float(cluster.get("GPU", 0.0))
+    cpus = float(resources.cpus_per_run)
+    if cpus <= 0:
+        raise ConfigError(f"resources.cpus_per_run={cpus:g} must be > 0")
+    gpus = resources.gpus_per_run
+    gpus = (1.0 if have_gpus >= 1 else 0.0) if gpus is None else float(gpus)
+    if gpus > have_gpus + 1e-9:
+        raise ConfigError(
+            f"resources.gpus_per_run={gpus:g} but the Ray cluster has {have_gpus:g} GPUs; "
+            f"accepted: at most {min(have_gpus, 1.0):g}"
+        )
+    slots = math.floor(have_cpus / cpus + 1e-9)
+    if gpus > 0:
+        slots = min(slots, math.floor(have_gpus / gpus + 1e-9))
+    if resources.max_concurrent_runs:
+        slots = min(slots, resources.max_concurrent_runs)
+    if slots < 1:
+        raise ConfigError(
+            f"resources.cpus_per_run={cpus:g} does not fit the Ray cluster "
+            f"({have_cpus:g} CPUs); accepted: at most {have_cpus:g}"
+        )
+    return max(1, min(slots, pending)), cpus, gpus
+
+
+def describe_plan(runs: int, plan: tuple[int, float, float]) -> str:
+    """One line for the console: ``12 runs on 2 actors · 1 CPU + 1 GPU per run``."""
+    n_actors, cpus, gpus = plan
+    device = f"{gpus:g} GPU" if gpus > 0 else "CPU only (no GPU requested or present)"
+    return f"{runs} runs on {n_actors} actors · {cpus:g} CPU + {device} per run"

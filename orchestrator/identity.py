@@ -1,0 +1,133 @@
+"""Run identity: which configuration a run belongs to, and which code produced it.
+
+Three keys, each 16 hex digits of a SHA-256:
+
+- ``config_key``: the configuration minus its repetition axes (seed and task order) and minus
+  the label. Runs sharing it are repetitions of one setting: reports aggregate over it.
+- ``instance_key``: the configuration with its seed and task order, still without the label and
+  without the code. ``--reuse any`` matches finished runs on it.
+- ``run_key``: the instance key plus the hash of the code that computes the run (the method's
+  file and its base classes' files, the shared training loop, evaluation and backbones, and
+  the stream builders). A fixed learner therefore re-runs, and nothing else does. Checkpoints
+  are keyed by it, so a run never resumes from state written by other code.
+
+The label is a name, not a setting: renaming it re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import inspect
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+KEY_VERSION = 2
+
+_LEARNERS_DIR = Path(__file__).resolve().parent.parent / "learners"
+_STREAMS_DIR = Path(__file__).resolve().parent.parent / "task_streams"
+# what every run executes whatever its method: the loop, evaluation, backbones, data
+SHARED_CODE = (
+    _LEARNERS_DIR / "base.py",
+    _LEARNERS_DIR / "evaluation.py",
+    _LEARNERS_DIR / "backbones.py",
+    *sorted(_STREAMS_DIR.glob("*.py")),
+)
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _setting(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config without its label (a name, not a setting)."""
+    return {k: v for k, v in resolved.items() if k != "label"}
+
+
+def config_key(resolved: dict[str, Any]) -> str:
+    """Hash of the configuration without label, seed and task order."""
+    setting = copy.deepcopy(_setting(resolved))
+    setting.pop("seed", None)
+    setting.get("stream", {}).pop("task_order", None)
+    return _digest({"v": KEY_VERSION, "config": setting})
+
+
+def instance_key(resolved: dict[str, Any]) -> str:
+    """Hash of the configuration with its seed and task order, without label or code."""
+    return _digest({"v": KEY_VERSION, "instance": _setting(resolved)})
+
+
+def run_key(resolved: dict[str, Any], code: str) -> str:
+    """Hash of the configuration with seed and task order, plus the code hash."""
+    return _digest({"v": KEY_VERSION, "instance": _setting(resolved), "code": code})
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=256)
+def _file_hash(path: str, mtime_ns: int) -> str:
+    """Hash of a Python file's syntax tree: comments, formatting and docstrings do not count."""
+    source = Path(path).read_text()
+    try:
+        canonical = ast.dump(_strip_docstrings(ast.parse(source)))
+    except SyntaxError:
+        canonical = source
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """Hash of one source file as code (see :func:`_file_hash`)."""
+    path = Path(path).resolve()
+    return _file_hash(str(path), path.stat().st_mtime_ns)
+
+
+def method_files(method: str) -> list[Path]:
+    """The files defining a registered learner: its class and every base class's file."""
+    from learners import learner_class
+
+    files: list[Path] = []
+    for cls in learner_class(method).__mro__:
+        if cls is object:
+            continue
+        try:
+            path = Path(inspect.getfile(cls)).resolve()
+        except (TypeError, OSError):
+            continue
+        if path.suffix == ".py" and path not in files:
+            files.append(path)
+    return files
+
+
+def code_files(method: str) -> list[Path]:
+    """Every file whose code decides a run of ``method``'s results."""
+    files = method_files(method)
+    return files + [p.resolve() for p in SHARED_CODE if p.resolve() not in files]
+
+
+def code_hash(method: str) -> str:
+    """16-hex hash of the code that computes a run of ``method``."""
+    root = _LEARNERS_DIR.parent
+    parts = {}
+    for path in code_files(method):
+        try:
+            name = str(path.relative_to(root))
+        except ValueError:  # a plugin outside the package
+            name = path.name
+        parts[name] = file_hash(path)
+    return _digest(parts)

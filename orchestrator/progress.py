@@ -1,0 +1,55 @@
+"""What the terminal shows: live progress of an invocation, and the summary table."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from orchestrator.results import table_rows
+
+
+class ProgressView:
+    """Tasks done of the total; runs done / running / failed / skipped / waiting; an ETA."""
+
+    def __init__(self, console: Console, total_tasks: int, enabled: bool):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tasks · {task.fields[counts]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("runs", total=max(total_tasks, 1), counts="")
+
+    def shrink(self, tasks: int) -> None:
+        """Take ``tasks`` that will not run (a failed or skipped run's) out of the total."""
+        total = self.progress.tasks[0].total or 1
+        self.progress.update(self.task, total=max(1, total - tasks))
+
+    def update(self, counts: dict[str, int], advance: int = 0) -> None:
+        text = " · ".join(f"{k} {v}" for k, v in counts.items() if v or k != "waiting")
+        self.progress.update(self.task, advance=advance, counts=text)
+
+
+def summary_table(summary: pd.DataFrame, title: str) -> Table:
+    """The summary as a rich table (accuracy in %, mean ± std over seeds)."""
+    header, rows = table_rows(summary)
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
