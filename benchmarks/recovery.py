@@ -139,12 +139,12 @@ def main() -> None:
     print(f"repetitions: {REPETITIONS}")
     print(f"retry_backoff_s: {BACKOFF_S:.1f}")
     print(
-        f"kill_to_resume_s: {statistics.median(resume):.2f} "
-        f"(min {min(resume):.2f}, max {max(resume):.2f})"
+        f"kill_to_resume_s: {statistics.median(resume):.3f} "
+        f"(min {min(resume):.3f}, max {max(resume):.3f})"
     )
     print(
-        f"kill_to_next_task_s: {statistics.median(next_task):.2f} "
-        f"(min {min(next_task):.2f}, max {max(next_task):.2f})"
+        f"kill_to_next_task_s: {statistics.median(next_task):.3f} "
+        f"(min {min(next_task):.3f}, max {max(next_task):.3f})"
     )
     print(f"exit_code_zero: {all(f[2] for f in figures)}")
     print(f"r_identical: {all(f[3] for f in figures)}")

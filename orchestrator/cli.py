@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -180,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     console = Console(stderr=True)
     handlers = {"run": _run, "report": _report, "methods": _methods, "clean": _clean}
-    # `kill` (SIGTERM) ends an invocation like Ctrl-C: live runs are marked KILLED, not left RUNNING
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return handlers[args.command](args, console)
     except ConfigError as err:  # bad input (config, overrides, environment): nothing was done
@@ -202,12 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                 text += " (rerun as `lia -v ...` for the traceback)"
         console.print(f"[red]error:[/] {escape(text)}", highlight=False)
         return 2 if bad_input else 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

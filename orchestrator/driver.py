@@ -20,8 +20,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import signal
 import subprocess
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 REUSE_MODES = ("same-code", "any", "none")
 LEASE_POLL_S = 2.0
 """how often runs another invocation holds are checked again"""
+FORGET_TIMEOUT_S = 30.0
+"""longest wait for an actor to delete a finished run's checkpoint"""
 
 __all__ = ["REUSE_MODES", "ExperimentResult", "execute", "plan_actors", "summary_table"]
 
@@ -157,13 +162,15 @@ def execute(
 
     started_ray = False
     plan = None
+    sigterm = None
     if pending:
         started_ray = ensure_ray(config.ray)
+        # after ray.init, whose own SIGTERM handler would end the process mid-cleanup
+        sigterm = _sigterm_interrupts()
         try:  # a resource request the cluster cannot meet fails before MLflow is touched
             plan = plan_actors(config.resources, len(pending))
         except BaseException:
-            if started_ray:
-                ray.shutdown()
+            _stop_ray(started_ray, sigterm)
             raise
     try:
         tracker.ensure_experiment()
@@ -183,36 +190,61 @@ def execute(
             },
         )
     except BaseException:
-        if started_ray:
-            ray.shutdown()
+        _stop_ray(started_ray, sigterm)
         raise
 
-    results = _reused_results(tracker, skipped, reusable)
-    session = _Session(config, tracker, parent_id, console, progress, notes)
+    session = _Session(config, tracker, parent_id, console, progress, notes, reuse)
     session.counts["skipped"] = len(skipped)
+    results: list[RunResult] = []
     status = "FINISHED"
     try:
+        results += _reused_results(tracker, skipped, reusable)
         if plan is not None:
             session.run(pending, plan)
-    except BaseException:
+    except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
-        if started_ray:
-            ray.shutdown()
-        results += session.results
-        frame = runs_frame(results)
-        summary = summarize(frame)
+        _stop_ray(started_ray, sigterm)
+        frame = runs_frame(results + session.results)
         try:
+            summary = summarize(frame)
             artifacts = _parent_artifacts(frame, summary, config.name)
         except Exception as err:  # the summary must never keep the parent RUNNING
-            log.exception("could not render the parent run's summary")
+            log.exception("could not summarise the runs")
+            summary = pd.DataFrame()
             artifacts = {"summary_error.txt": format_error(err)}
         tracker.finish_parent(parent_id, artifacts, status=status)
     counts = dict(session.counts, running=0)
     return ExperimentResult(
         experiment, uri, parent_id, frame, summary, counts, session.arrivals, notes
     )
+
+
+def _stop_ray(started_ray: bool, sigterm: Any) -> None:
+    """Shut down the Ray this invocation started, and restore the SIGTERM handler."""
+    if started_ray:
+        ray.shutdown()
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _sigterm_interrupts() -> Any:
+    """Make SIGTERM (``kill``) end the invocation like Ctrl-C: live runs marked KILLED.
+
+    Returns the handler to restore afterwards (None when not in the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL if previous is None else previous
 
 
 def _reusable(tracker: Tracker, runs: list[RunSpec], reuse: str) -> dict[str, Any]:
@@ -315,6 +347,7 @@ class _Session:
         console: Console,
         show_progress: bool,
         notes: list[str],
+        reuse: str = "same-code",
     ):
         self.config = config
         self.tracker = tracker
@@ -332,9 +365,10 @@ class _Session:
         self.results: list[RunResult] = []
         self.counts = {"done": 0, "running": 0, "failed": 0, "skipped": 0, "waiting": 0}
         self.arrivals: list[tuple[float, str, str, int | None]] = []
+        self.reuse = reuse
+        self.todo: deque[RunSpec] = deque()
         self.waiting: dict[str, RunSpec] = {}
         self.active: dict[str, _RunState] = {}
-        self.cleanups: list[tuple[Any, _RunState]] = []
         self.code_version = code_version()
         self.started = time.perf_counter()
         self._last_heartbeat = time.monotonic()
@@ -367,20 +401,15 @@ class _Session:
         )
         try:
             with self.view.progress:
-                for spec in pending:
-                    self._claim(spec)
-                if self.waiting:
-                    self._note(
-                        f"{len(self.waiting)} runs are being computed by another invocation: "
-                        "waiting for them"
-                    )
-                pool.run(self, until_idle=lambda: not self.waiting)
+                # a run's lease is taken when an actor is free for it, so invocations started
+                # side by side share the work instead of one waiting for all of it
+                self.todo = deque(pending)
+                pool.run(self, until_idle=lambda: not self.waiting and not self.todo)
                 self.counts["running"] = 0
                 self.view.update(self.counts)
-            self._finish_cleanups(timeout_s=30)
         except BaseException:
-            # interrupted (Ctrl-C, SIGTERM) or the driver failed: keep what was logged
-            pool.stop_all()
+            # interrupted (Ctrl-C, SIGTERM) or the driver failed: the pool has killed the
+            # live actors; keep what was logged and the checkpoints
             for state in list(self.active.values()):
                 if state.run_id is not None:
                     self.tracker.fail_child(
@@ -397,12 +426,18 @@ class _Session:
         """Take the run's lease and queue it; False if another invocation holds it."""
         lease = self.leases.try_acquire(spec.run_key, {"parent_run": self.parent_id})
         if lease is None:
+            if spec.run_key not in self.waiting:
+                holder = self.leases.holder(spec.run_key)
+                self._note(
+                    f"run {spec.run_name} is being computed by another invocation (pid "
+                    f"{holder.get('pid', '?')} on {holder.get('host', '?')}): waiting for it"
+                )
             self.waiting[spec.run_key] = spec
             self.counts["waiting"] = len(self.waiting)
             return False
-        was_waiting = self.waiting.pop(spec.run_key, None) is not None
+        self.waiting.pop(spec.run_key, None)
         self.counts["waiting"] = len(self.waiting)
-        if was_waiting:
+        if self.reuse != "none":  # another invocation may have finished it since we looked
             done = self.tracker.finished_run(spec.run_key)
             if done is not None:  # the other invocation finished it while we waited
                 lease.release()
@@ -432,7 +467,8 @@ class _Session:
             self._last_lease_poll = now
             for spec in list(self.waiting.values()):
                 self._claim(spec)
-        self._finish_cleanups(timeout_s=0)
+        while self.todo and pool.idle_capacity > 0:
+            self._claim(self.todo.popleft())
         self.counts["running"] = len(pool.running)
         self.view.update(self.counts)
 
@@ -599,23 +635,21 @@ class _Session:
         )
 
     def _forget(self, job: Job, state: _RunState) -> None:
-        """Delete the run's checkpoint (its results are in MLflow), then free its lease."""
-        self.active.pop(state.spec.run_key, None)
-        if self.checkpoint_dir is None or job.actor is None:
-            self._release(state)
-            return
-        ref = job.actor.forget.remote(self.checkpoint_dir, state.spec.run_key)
-        self.cleanups.append((ref, state))
+        """Delete the run's checkpoint (its results are in MLflow), then free its lease.
 
-    def _finish_cleanups(self, timeout_s: float) -> None:
-        if not self.cleanups:
-            return
-        refs = [ref for ref, _ in self.cleanups]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        finished = set(done)
-        for _, state in [c for c in self.cleanups if c[0] in finished]:
-            self._release(state)
-        self.cleanups = [c for c in self.cleanups if c[0] not in finished]
+        The actor deletes it (it sees the checkpoint folder wherever the driver runs); the
+        driver waits, so the lease is never freed while the checkpoint still exists.
+        """
+        self.active.pop(state.spec.run_key, None)
+        if self.checkpoint_dir is not None and job.actor is not None:
+            try:
+                ray.get(
+                    job.actor.forget.remote(self.checkpoint_dir, state.spec.run_key),
+                    timeout=FORGET_TIMEOUT_S,
+                )
+            except Exception as err:  # a stale checkpoint is harmless: same key, same state
+                log.warning("could not delete the checkpoint of %s: %s", job.name, err)
+        self._release(state)
 
     def _kept_checkpoint(self, state: _RunState, why: str) -> None:
         self.active.pop(state.spec.run_key, None)
@@ -645,6 +679,13 @@ _EVENT_HANDLERS = {
 
 
 def _first_line(error: BaseException) -> str:
+    """One line about ``error``: Ray's own failures are summarised, a run's error quoted."""
+    if is_system_failure(error):
+        text = str(error)
+        detail = text.split("Worker exit detail:", 1)[-1] if "Worker exit detail:" in text else ""
+        detail = detail.strip().split(". ")[0][:120]
+        what = "Ray lost the run: its worker, actor or node died"
+        return f"{type(error).__name__}: {what}" + (f" ({detail})" if detail else "")
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__
 

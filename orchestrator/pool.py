@@ -124,6 +124,11 @@ class ActorPool:
         return [state.job for state in self._live.values()]
 
     @property
+    def idle_capacity(self) -> int:
+        """How many more jobs could start now (actors neither running nor promised a job)."""
+        return self.size - len(self._live) - len(self._queue)
+
+    @property
     def busy(self) -> bool:
         """Whether any job is queued, waiting for a retry, or running."""
         return bool(self._queue or self._delayed or self._live)
@@ -148,23 +153,15 @@ class ActorPool:
                     self._advance(generator, callbacks)
                 self._enforce_stops()
         except BaseException:
-            self.stop_all()
+            # the driver is going away: end every live run now (checkpoints are written
+            # atomically after each task, so killing loses only the task in progress)
+            for state in self._live.values():
+                ray.kill(state.actor, no_restart=True)
             raise
         finally:
             for actor in self._idle:
                 ray.kill(actor, no_restart=True)
             self._idle.clear()
-
-    def stop_all(self) -> list[Job]:
-        """Ask every live run to stop (the driver is going away); returns their jobs."""
-        jobs = []
-        for state in self._live.values():
-            try:
-                state.actor.stop.remote()
-            except Exception:  # the actor may be gone already
-                pass
-            jobs.append(state.job)
-        return jobs
 
     # ------------------------------------------------------------------ internals
     def _wait_time(self) -> float:

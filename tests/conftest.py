@@ -62,6 +62,43 @@ class SigkillOnceOnTask2(FineTune):
         if task.id == 2 and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ScriptedRunner:
+    """A stand-in for StreamRunner whose run() plays a script (actor-pool tests)."""
+
+    def __init__(self):
+        import threading
+
+        self._stop = threading.Event()
+
+    def stop(self):
+        self._stop.set()
+
+    def run(self, script, marker=None):
+        import os
+        import signal
+        import time
+        from pathlib import Path
+
+        for step in script:
+            action = step[0]
+            if action == "event":
+                yield step[1]
+            elif action == "die_once":
+                if not Path(marker).exists():
+                    Path(marker).touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "raise":
+                raise RuntimeError(step[1])
+            elif action == "wait_for_stop":
+                deadline = time.monotonic() + step[1]
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if self._stop.is_set():
+                    return
 '''
 
 

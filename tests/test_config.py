@@ -356,3 +356,19 @@ def test_labels_pick_methods(tmp_path):
     runs = expand_runs(config)
     assert {r.method for r in runs} == {"ewc"}
     assert {r.resolved["hparams"]["ewc_lambda"] for r in runs} == {1.0, 1e4}
+
+
+def test_lia_clean_removes_checkpoints_and_with_results_the_local_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, name="clean")
+    path = write_config(tmp_path, config)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".leases").mkdir(parents=True)
+    (checkpoints / "abc" / "latest.pt").parent.mkdir()
+    (checkpoints / "abc" / "latest.pt").write_bytes(b"x")
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    assert main(["clean", str(path)]) == 0
+    assert not checkpoints.exists() and (tmp_path / "mlflow.db").exists()
+    assert main(["clean", str(path), "--results"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()
+    assert main(["clean", str(path), "--results"]) == 0  # nothing left: still fine

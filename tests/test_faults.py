@@ -108,6 +108,31 @@ def test_a_killed_driver_leaves_nothing_running_after_a_rerun(tmp_path):
     assert dict(zip(runs["run_key"], runs["R"], strict=True)) == _reference_r(config, tmp_path)
 
 
+def test_sigterm_ends_the_live_runs_killed_and_keeps_their_checkpoints(tmp_path):
+    config = tiny_config(tmp_path, name="sigterm", seeds=[0])
+    config["stream"]["num_tasks"] = 4
+    config["train"]["epochs"] = 30
+    config["tracking"]["flush_interval_s"] = 0
+    uri = config["tracking"]["uri"]
+    driver = _lia(write_config(tmp_path, config), tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    _wait_for(
+        lambda: any(
+            client.get_metric_history(r.info.run_id, "acc_task_0")
+            for r in _children(uri, "sigterm")
+        ),
+        120,
+        driver,
+    )
+    driver.send_signal(signal.SIGTERM)
+    out = driver.communicate(timeout=60)[0]
+    assert driver.returncode == 130, out
+    assert "Traceback" not in out and "checkpoint is kept at" in out
+    statuses = {r.info.status for r in _all_runs(uri, "sigterm")}
+    assert "RUNNING" not in statuses and "KILLED" in statuses
+    assert list((tmp_path / "checkpoints").glob("*/latest.pt"))
+
+
 def test_two_concurrent_invocations_compute_every_run_once(tmp_path):
     assert not ray.is_initialized()
     config = tiny_config(tmp_path, name="twice", seeds=[0, 1])

@@ -158,6 +158,8 @@ def test_python_api_runs_and_loads(tiny_run, tmp_path):
     config = tiny_config(tmp_path, name="api", methods={"finetune": {}}, seeds=[0])
     fresh = run_experiment(config)
     assert list(fresh["status"]) == ["FINISHED"]
+    # its checkpoint went with it (the actor deleted it before the command returned)
+    assert not list((tmp_path / "checkpoints").glob("*/latest.pt"))
     original = runs[(runs.label == "finetune") & (runs.seed == 0)].iloc[0]
     assert fresh.iloc[0]["R"] == original["R"]
     assert fresh.iloc[0]["ACC"] == original["ACC"]
