@@ -20,7 +20,7 @@ from pathlib import Path
 
 from learners import ConfigError
 from orchestrator.config import ExperimentConfig, parse_ray_address
-from orchestrator.tracking import check_reachable, resolve_tracking_uri
+from orchestrator.tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
 __all__ = ["TRACKING_SCHEMES", "check_report", "check_run"]
 
@@ -119,7 +119,7 @@ def _check_tracking_uri(uri: str, key: str, *, report: bool) -> str:
             f"{key}={uri!r} has an unknown scheme {scheme + '://'!r}; accepted: {_ACCEPTED_URIS}"
         )
     if scheme == "sqlite":
-        path = _sqlite_path(uri)
+        path = sqlite_path(uri)
         if path is not None:
             _check_store(path, uri, key, report=report, is_file=True)
     elif scheme in ("", "file"):
@@ -127,15 +127,6 @@ def _check_tracking_uri(uri: str, key: str, *, report: bool) -> str:
         if path is not None:
             _check_store(Path(path), uri, key, report=report, is_file=False)
     return scheme
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a SQLite URI; None for an in-memory database."""
-    rest = uri.split(":", 1)[1]
-    if not rest.startswith("///"):
-        return None  # sqlite:// (in memory)
-    path = rest[3:].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(urllib.parse.unquote(path))
 
 
 def _local_path(uri: str) -> str | None:

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -83,11 +84,14 @@ def _now_ms() -> int:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory)."""
-    if not uri.startswith("sqlite:///"):
+    """The database file of a SQLite URI (None for other stores or an in-memory database)."""
+    if not uri.startswith("sqlite:"):
         return None
-    path = uri[len("sqlite:///") :]
-    return None if path in ("", ":memory:") else Path(path)
+    rest = uri.split(":", 1)[1]
+    if not rest.startswith("///"):
+        return None  # sqlite:// (in memory)
+    path = rest[3:].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(urllib.parse.unquote(path))
 
 
 def store_exists(uri: str) -> bool:

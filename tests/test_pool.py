@@ -73,8 +73,10 @@ def test_a_dead_worker_is_retried_on_a_fresh_actor(new_actor, tmp_path):
     )
     assert ("finished", "steady") in callbacks.calls and not callbacks.errors
     assert job.attempts == 2 and len(job.errors) == 1 and pool.replaced_actors == 1
-    # the second attempt re-ran the script: its events arrive again, then the rest
-    assert [e["kind"] for e in callbacks.events["flaky"]] == ["a", "a", "b"]
+    # the second attempt re-ran the script: its events arrive again, then the rest (the first
+    # attempt's event may die with its worker before the driver reads it)
+    kinds = [e["kind"] for e in callbacks.events["flaky"]]
+    assert kinds in (["a", "a", "b"], ["a", "b"])
 
 
 def test_retries_are_bounded_and_own_errors_are_not_retried(new_actor):
