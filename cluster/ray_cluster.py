@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -52,7 +51,7 @@ def ensure_ray(config: RayConfig) -> bool:
         return False
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        check_address(address)
+        check_address(address, key="ray.address" if config.address else "$RAY_ADDRESS")
         ray.init(address=address, logging_level=logging.WARNING)
         return True
     with _loopback_node_address():
@@ -94,48 +93,25 @@ def _loopback_node_address() -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = before
 
 
-def _host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://`` + either; None otherwise."""
-    rest = address.strip()
-    if rest.startswith("ray://"):
-        rest = rest[len("ray://") :]
-    elif "://" in rest:
-        return None
-    rest = rest.rstrip("/")
-    if rest.startswith("["):
-        host, sep, port = rest[1:].partition("]:")
-    else:
-        host, sep, port = rest.rpartition(":")
-        if ":" in host:  # a bare IPv6 address without brackets: no port to check
-            return None
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
+def check_address(address: str, timeout_s: float = 3.0, key: str = "ray.address") -> None:
+    """Raise :class:`ConfigError` unless something accepts a TCP connection at ``address``.
 
-
-def check_address(address: str, timeout_s: float = 3.0) -> None:
-    """Raise :class:`ConfigError` unless a TCP connection to ``address`` opens in ``timeout_s``.
-
-    ``host:port`` and ``ray://host:port`` are checked; ``auto``, ``local`` and any other form
-    are left to Ray unchanged.
+    ``host:port`` and ``ray://host:port`` are probed (within ``timeout_s``, name lookup
+    included); ``auto`` and ``local`` are left to Ray; any other form is refused, naming
+    ``key`` (``ray.address`` or ``$RAY_ADDRESS``) and the accepted forms.
     """
-    if address in _PASS_THROUGH:
-        return
-    target = _host_port(address)
+    from orchestrator.config import parse_ray_address
+    from orchestrator.net import probe_tcp
+
+    target = parse_ray_address(address, key)
     if target is None:
         return
-    try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
-    except OSError as err:
-        if isinstance(err, TimeoutError):
-            reason = f"no answer within {timeout_s:g} s"
-        else:
-            reason = err.strerror or str(err)
+    reason = probe_tcp(*target, timeout_s=timeout_s)
+    if reason is not None:
         raise ConfigError(
-            f"ray.address={address} is unreachable ({reason}); "
+            f"{key}={address} is unreachable ({reason}); "
             "start the cluster (ray start --head) or fix ray.address / $RAY_ADDRESS"
-        ) from None
+        )
 
 
 def plan_actors(

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
-import threading
 import urllib.parse
 from pathlib import Path
 
 from learners import ConfigError
 from orchestrator.config import ExperimentConfig, parse_ray_address
+from orchestrator.net import probe_tcp
 from orchestrator.tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
 __all__ = ["TRACKING_SCHEMES", "check_report", "check_run"]
@@ -67,7 +66,10 @@ def check_run(config: ExperimentConfig) -> None:
     ray_target = _check_ray(config)
     _check_tracking_network(uri, key, scheme)
     if ray_target is not None:
-        _check_tcp(*ray_target)
+        from cluster import check_address
+
+        address, key = ray_target
+        check_address(address, timeout_s=TCP_TIMEOUT_S, key=key)
 
 
 def check_report(experiment: str, tracking_uri: str | None, out_dir: str | None) -> None:
@@ -220,23 +222,17 @@ def _check_folder(path: str, label: str, *, flag: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------- Ray
-def _check_ray(config: ExperimentConfig) -> tuple[str, int, str, str] | None:
-    """Resources against a Ray instance started here; the (host, port, ...) to probe for a
-    cluster address (None when there is nothing to probe)."""
+def _check_ray(config: ExperimentConfig) -> tuple[str, str] | None:
+    """Resources against a Ray instance started here; the (address, key) of a cluster to
+    probe (None when there is nothing to probe)."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return None  # the driver uses the Ray this process already runs
     key = "ray.address" if config.ray.address else "$RAY_ADDRESS"
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address and address.strip() != "local":
-        target = parse_ray_address(address, key)  # the form of $RAY_ADDRESS, too
-        if target is None:  # auto: left to Ray
-            return None
-        # a cluster's resources are checked by the driver once connected
-        return (
-            *target,
-            f"{key}={address} is unreachable",
-            "start the cluster (ray start --head) or fix ray.address / $RAY_ADDRESS",
-        )
+        parse_ray_address(address, key)  # the form of $RAY_ADDRESS, too
+        # probed after the tracking store; a cluster's resources are checked once connected
+        return address, key
     _check_local_resources(config)
     return None
 
@@ -279,25 +275,7 @@ def _detected_gpus() -> int:
 
 # ---------------------------------------------------------------------------- network
 def _check_tcp(host: str, port: int, what: str, fix: str) -> None:
-    """ConfigError ``what (reason); fix`` unless a TCP connection opens in TCP_TIMEOUT_S.
-
-    The connection is tried in a daemon thread so that a slow name lookup (not covered by the
-    socket timeout) cannot hold the command either: at most ``2 * TCP_TIMEOUT_S`` in all.
-    """
-    outcome: dict[str, str] = {}
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=TCP_TIMEOUT_S):
-                outcome["ok"] = "yes"
-        except TimeoutError:
-            outcome["error"] = f"no answer in {TCP_TIMEOUT_S:g} s"
-        except OSError as err:
-            outcome["error"] = err.strerror or type(err).__name__
-
-    thread = threading.Thread(target=probe, name="lia-preflight-tcp", daemon=True)
-    thread.start()
-    thread.join(2 * TCP_TIMEOUT_S)
-    if "ok" not in outcome:
-        reason = outcome.get("error", f"no answer in {2 * TCP_TIMEOUT_S:g} s")
+    """ConfigError ``what (reason); fix`` unless a TCP connection opens in TCP_TIMEOUT_S."""
+    reason = probe_tcp(host, port, TCP_TIMEOUT_S)
+    if reason is not None:
         raise ConfigError(f"{what} ({reason}); {fix}")

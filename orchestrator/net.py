@@ -1,0 +1,31 @@
+"""One network probe for every 'is anything listening there?' check."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+def probe_tcp(host: str, port: int, timeout_s: float = 3.0) -> str | None:
+    """None if a TCP connection to (host, port) opens within ``timeout_s``, else why not.
+
+    The connection is tried in a daemon thread, so a slow name lookup (which the socket
+    timeout does not cover) cannot hold the caller either: it waits ``2 * timeout_s`` at most.
+    """
+    outcome: dict[str, str] = {}
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome["ok"] = "yes"
+        except TimeoutError:
+            outcome["error"] = f"no answer within {timeout_s:g} s"
+        except OSError as err:
+            outcome["error"] = err.strerror or type(err).__name__
+
+    thread = threading.Thread(target=probe, name="lia-tcp-probe", daemon=True)
+    thread.start()
+    thread.join(2 * timeout_s)
+    if "ok" in outcome:
+        return None
+    return outcome.get("error", f"no answer within {2 * timeout_s:g} s")
