@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
 import json
@@ -232,7 +233,7 @@ def _plural(tp: Any) -> str:
 
 def _field_type(key: str) -> tuple[Any, Any] | None:
     """(type, default) of the config field at dotted ``key``; None if there is none."""
-    node: Any = ExperimentConfig
+    node: Any = _SCHEMA.get()
     tp: Any = None
     default: Any = None
     for part in [p for p in key.split(".") if p]:
@@ -252,7 +253,7 @@ def _field_type(key: str) -> tuple[Any, Any] | None:
 
 
 def _accepted_keys(section: str) -> str:
-    node: Any = ExperimentConfig
+    node: Any = _SCHEMA.get()
     for part in [p for p in section.split(".") if p]:
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
@@ -267,6 +268,9 @@ def _accepted_keys(section: str) -> str:
             return "?"
     return ", ".join(f.name for f in dataclasses.fields(node))
 
+
+_SCHEMA: contextvars.ContextVar[type] = contextvars.ContextVar("schema", default=ExperimentConfig)
+"""the structured config being loaded, for error messages that list keys and types"""
 
 # what OmegaConf raises on a value it cannot merge or convert (TypeError: e.g. a list merged
 # into a mapping); ConfigError (a ValueError) from a dataclass's __post_init__ passes through
@@ -325,9 +329,27 @@ def _merge(base: DictConfig, user: DictConfig, overrides: list[str]) -> Experime
 def load_config(
     source: str | Path | dict[str, Any] | ExperimentConfig | DictConfig | None = None,
     overrides: list[str] | None = None,
+    *,
+    schema: type[ExperimentConfig] = ExperimentConfig,
 ) -> ExperimentConfig:
-    """Read a YAML file (or dict / config object), apply ``key=value`` overrides, validate."""
-    base = OmegaConf.structured(ExperimentConfig)
+    """Read a YAML file (or dict / config object), apply ``key=value`` overrides, validate.
+
+    ``schema`` is the structured config to merge into: ExperimentConfig, or a subclass that
+    adds sections (``lia sweep``'s ``sweep:``); its error messages name keys the same way.
+    """
+    token = _SCHEMA.set(schema)
+    try:
+        return _load(source, overrides, schema)
+    finally:
+        _SCHEMA.reset(token)
+
+
+def _load(
+    source: str | Path | dict[str, Any] | ExperimentConfig | DictConfig | None,
+    overrides: list[str] | None,
+    schema: type[ExperimentConfig],
+) -> ExperimentConfig:
+    base = OmegaConf.structured(schema)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():

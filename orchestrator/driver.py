@@ -40,6 +40,7 @@ from learners.metrics import RMatrix, at_chance, compute_metrics
 from orchestrator import checkpoints, plots
 from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, flatten, to_yaml
 from orchestrator.leases import Lease, LeaseStore
+from orchestrator.liveness import HEARTBEAT_S
 from orchestrator.pool import ActorPool, Job, is_system_failure
 from orchestrator.progress import ProgressView, summary_table
 from orchestrator.results import (
@@ -53,7 +54,7 @@ from orchestrator.results import (
     to_markdown,
 )
 from orchestrator.runner import format_error, make_runner_class
-from orchestrator.tracking import HEARTBEAT_S, Tracker, load_r_matrices, resolve_tracking_uri
+from orchestrator.tracking import Tracker, load_r_matrices, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 import urllib.parse
@@ -20,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -29,6 +27,7 @@ from learners import ConfigError
 from learners.metrics import Metrics, RMatrix
 from orchestrator import plots
 from orchestrator.config import RunSpec, flatten
+from orchestrator.liveness import owner_alive, owner_record
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -448,54 +447,22 @@ def _get_run(client: MlflowClient, run_id: str) -> Any | None:
         return None
 
 
-HEARTBEAT_S = 15.0
-"""how often a live invocation refreshes its parent's ``lia.heartbeat`` tag"""
-STALE_AFTER_S = 120.0
-"""an invocation on another host whose heartbeat is older than this is taken for dead"""
-
-
-def _process_started(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError):
-        return None
-
-
 def liveness_tags() -> dict[str, str]:
-    """Who this invocation is: host, process and its start time, and a first heartbeat."""
-    pid = os.getpid()
-    return {
-        "lia.host": socket.gethostname(),
-        "lia.pid": str(pid),
-        "lia.pid_started": f"{_process_started(pid) or 0:.3f}",
-        "lia.heartbeat": f"{time.time():.0f}",
-    }
+    """Who this invocation is, as parent-run tags: ``lia.host``, ``lia.pid``, ... (liveness)."""
+    return {f"lia.{k}": v for k, v in owner_record().items()}
 
 
 def invocation_alive(parent: Any | None) -> tuple[bool, str]:
-    """Whether the invocation owning ``parent`` (its parent run) still runs, and why not.
-
-    On this host its process is looked up (pid and start time, so a reused pid does not
-    count); on another host its heartbeat must be recent.
-    """
+    """Whether the invocation owning ``parent`` (its parent run) still runs, and why not."""
     if parent is None:
         return False, "its parent run is gone"
     if parent.info.status != "RUNNING":
         return False, f"its invocation ended ({parent.info.status})"
     tags = parent.data.tags
-    if "lia.pid" not in tags:
+    record = {k[len("lia.") :]: v for k, v in tags.items() if k.startswith("lia.")}
+    if "pid" not in record:
         return False, "its invocation predates liveness records"
-    host, pid = tags.get("lia.host"), int(tags["lia.pid"])
-    if host == socket.gethostname():
-        started = _process_started(pid)
-        recorded = float(tags.get("lia.pid_started", 0))
-        if started is not None and abs(started - recorded) < 1.0:
-            return True, ""
-        return False, f"its driver (pid {pid} on {host}) is no longer running"
-    age = time.time() - float(tags.get("lia.heartbeat", 0))
-    if age < STALE_AFTER_S:
-        return True, ""
-    return False, f"its driver on {host} sent no heartbeat for {age:.0f} s"
+    return owner_alive(record)
 
 
 __all__ = [
