@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import shutil
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +16,11 @@ from rich.markup import escape
 
 from learners import LEARNERS, ConfigError
 from learners.hparams import describe_range
+
+EXTRA_COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {}
+"""subcommands other packages registered (name -> handler)"""
+OVERRIDE_COMMANDS = ("run", "clean", "sweep")
+"""subcommands that take key=value overrides anywhere on the line"""
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -147,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config-key", help="only this configuration (a config key, or a unique prefix of one)"
     )
     sub.add_parser("methods", help="list methods and their hyperparameters")
+    # other packages add subcommands (lia sweep) through the lia.commands entry point, so
+    # the orchestrator never imports them
+    for entry in entry_points(group="lia.commands"):
+        name, handler = entry.load()(sub)
+        EXTRA_COMMANDS[name] = handler
     clean = sub.add_parser(
         "clean", help="remove checkpoints (and with --results the local MLflow store, reports)"
     )
@@ -167,18 +179,24 @@ def main(argv: list[str] | None = None) -> int:
     stray = [
         e
         for e in extra
-        if args.command not in ("run", "clean") or e.startswith("-") or "=" not in e
+        if args.command not in OVERRIDE_COMMANDS or e.startswith("-") or "=" not in e
     ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.command in ("run", "clean"):
+    if args.command in OVERRIDE_COMMANDS:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     console = Console(stderr=True)
-    handlers = {"run": _run, "report": _report, "methods": _methods, "clean": _clean}
+    handlers = {
+        "run": _run,
+        "report": _report,
+        "methods": _methods,
+        "clean": _clean,
+        **EXTRA_COMMANDS,
+    }
     try:
         return handlers[args.command](args, console)
     except ConfigError as err:  # bad input (config, overrides, environment): nothing was done

@@ -112,6 +112,7 @@ class ActorPool:
         self._delayed: list[tuple[float, int, Job]] = []
         self._order = itertools.count()
         self._live: dict[Any, _Live] = {}
+        self._callbacks: Any = None
         self.replaced_actors = 0
 
     # ------------------------------------------------------------------ public
@@ -122,6 +123,30 @@ class ActorPool:
     @property
     def running(self) -> list[Job]:
         return [state.job for state in self._live.values()]
+
+    def stop(self, key: str) -> bool:
+        """Stop the job ``key``: ask its actor to stop (a queued job is dropped at once).
+
+        Its end is reported through ``stopped``. False if no such job is queued or running.
+        """
+        for state in self._live.values():
+            if state.job.key == key:
+                if state.stop_requested_at is None:
+                    state.stop_requested_at = time.monotonic()
+                    state.actor.stop.remote()
+                return True
+        for job in list(self._queue):
+            if job.key == key:
+                self._queue.remove(job)
+                self._callbacks.stopped(job)
+                return True
+        for item in list(self._delayed):
+            if item[2].key == key:
+                self._delayed.remove(item)
+                heapq.heapify(self._delayed)
+                self._callbacks.stopped(item[2])
+                return True
+        return False
 
     @property
     def idle_capacity(self) -> int:
@@ -139,6 +164,7 @@ class ActorPool:
         ``until_idle`` (optional) is asked when the pool is idle: while it returns False the
         pool keeps ticking, for a user who will submit more (runs waiting on a lease).
         """
+        self._callbacks = callbacks
         try:
             while True:
                 callbacks.tick(self)

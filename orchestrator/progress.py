@@ -32,12 +32,17 @@ class ProgressView:
             console=console,
             disable=not enabled,
         )
+        self.total = total_tasks
         self.task = self.progress.add_task("runs", total=max(total_tasks, 1), counts="")
 
     def shrink(self, tasks: int) -> None:
         """Take ``tasks`` that will not run (a failed or skipped run's) out of the total."""
-        total = self.progress.tasks[0].total or 1
-        self.progress.update(self.task, total=max(1, total - tasks))
+        self.grow(-tasks)
+
+    def grow(self, tasks: int) -> None:
+        """Add ``tasks`` to the total (runs submitted while the session runs)."""
+        self.total += tasks
+        self.progress.update(self.task, total=max(1, self.total))
 
     def update(self, counts: dict[str, int], advance: int = 0) -> None:
         text = " · ".join(f"{k} {v}" for k, v in counts.items() if v or k != "waiting")

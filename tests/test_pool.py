@@ -101,8 +101,8 @@ def test_a_callback_may_stop_a_run_and_a_bad_event_fails_only_its_run(new_actor)
     assert ("finished", "good") in callbacks.calls
 
 
-def test_the_driver_refuses_an_event_of_unknown_kind():
-    from orchestrator.driver import _Session
+def test_the_session_refuses_an_event_of_unknown_kind():
+    from orchestrator.session import RunSession
 
     with pytest.raises(ValueError, match="unknown kind 'bogus'; known kinds: start, init"):
-        _Session.event(None, Job("k", "some-run", ()), {"kind": "bogus"})
+        RunSession.event(None, Job("k", "some-run", ()), {"kind": "bogus"})
