@@ -47,6 +47,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
             else "no complete trial"
         )
         Console().print(f"study {r.study_name} ({r.label}): {counts} · {best}")
+    evaluation = next((r.evaluation for r in results if r.evaluation is not None), None)
+    if evaluation is not None and not evaluation.empty:
+        from orchestrator.progress import summary_table
+
+        title = f"{config.name}: best values on the evaluation stream (heldout protocol)"
+        Console().print(summary_table(evaluation, title))
     if args.export:
         Path(args.export).write_text(export_best(config, results))
         console.print(f"wrote {args.export}: run it with lia run {args.export}")

@@ -61,6 +61,9 @@ class StudyResult:
     best_params: dict[str, Any] | None
     best_values: list[float] | None
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: Any = None
+    """heldout protocol: the summary (DataFrame) of the best configuration run on the
+    evaluation stream with the config's own seeds, as a ``lia run`` experiment"""
 
 
 @dataclass
@@ -113,7 +116,7 @@ class _StudyObserver(RunObserver):
         self.trials: dict[int, _Trial] = {}
         self.by_run: dict[str, int] = {}
         self.counts = {"complete": 0, "pruned": 0, "failed": 0}
-        self._last_heartbeat = time.monotonic()
+        self._last_heartbeat = self.started = time.monotonic()
         self.runs_per_trial = config.sweep.seeds_per_trial
         self._session: RunSession | None = None
 
@@ -202,6 +205,7 @@ class _StudyObserver(RunObserver):
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             self.counts["pruned"] += 1
             self._tag(results, "pruned")
+            self.console.print(f"trial {trial.number} ({self.label}) pruned · {self._progress()}")
             return
         failed = [r for r in results if r.status not in ("FINISHED", "SKIPPED")]
         if failed:
@@ -217,7 +221,9 @@ class _StudyObserver(RunObserver):
         self._tag(results, "complete")
         best = self._best_text()
         shown = ", ".join(f"{n} {_short(v)}" for n, v in zip(self.objectives, values, strict=True))
-        self.console.print(f"trial {trial.number} ({self.label}) complete: {shown}{best}")
+        self.console.print(
+            f"trial {trial.number} ({self.label}) complete: {shown}{best} · {self._progress()}"
+        )
 
     def _objective(self, entry: _Trial, name: str) -> float:
         """The mean over the trial's runs of objective ``name``."""
@@ -241,12 +247,30 @@ class _StudyObserver(RunObserver):
         trial.set_user_attr("lia.fail_reason", reason)
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         self.counts["failed"] += 1
-        self.console.print(f"[red]trial {number} ({self.label}) failed:[/] {escape(reason)}")
+        self.console.print(
+            f"[red]trial {number} ({self.label}) failed:[/] {escape(reason)} · {self._progress()}"
+        )
 
     def _tag(self, results: list[RunResult], state: str) -> None:
         for result in results:
             if result.mlflow_run_id:
                 self._session.tracker.client.set_tag(result.mlflow_run_id, "trial_state", state)
+
+    def _progress(self) -> str:
+        """Trials decided of n_trials, by state, running now, and an ETA."""
+        c = self.counts
+        done_here = c["complete"] + c["pruned"] + c["failed"]
+        decided = studies.decided(self.study)
+        left = max(0, self.config.sweep.n_trials - decided)
+        eta = ""
+        if done_here and left:
+            per_trial = (time.monotonic() - self.started) / done_here
+            eta = f" · ETA {per_trial * left / 60:.1f} min"
+        return (
+            f"{decided}/{self.config.sweep.n_trials} decided "
+            f"({c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed; "
+            f"{len(self.trials)} running){eta}"
+        )
 
     def _best_text(self) -> str:
         if self.multi:
@@ -291,10 +315,13 @@ def sweep(
         plan = plan_actors(config.resources, 10**6)
         tracker.ensure_experiment()
         tracker.reconcile()
-        return [
+        results = [
             _run_study(config, label, spaces[label], tracker, plan, console, progress)
             for label in tuned_labels(config)
         ]
+        if config.sweep.protocol == "heldout" and any(r.best_params for r in results):
+            _evaluate_heldout(config, results, console, progress)
+        return results
     finally:
         if started_ray:
             ray.shutdown()
@@ -472,28 +499,51 @@ def _log_study_summary(tracker: Tracker, parent_id: str, result: StudyResult) ->
         tracker.client.set_tag(parent_id, key, value)
 
 
-def export_best(config: SweepExperimentConfig, results: list[StudyResult]) -> str:
-    """A config ``lia run`` accepts: the tuned methods with their best values, as YAML.
+def best_config(config: SweepExperimentConfig, results: list[StudyResult]) -> dict[str, Any]:
+    """The config with each tuned method's best values, without the sweep section.
 
-    The protocol's tuning changes (other seeds, fewer tasks) are not carried over: the
-    exported config runs on the evaluation stream with the config's own seeds.
+    The protocol's tuning changes (other seeds, fewer tasks) are not carried over: it runs on
+    the evaluation stream with the config's own seeds. Only the tuned labels are kept.
     """
     base = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     base.pop("sweep")
-    header = []
-    for result in results:
-        if result.best_params is None:
-            continue
+    tuned = [r for r in results if r.best_params is not None]
+    base["methods"] = {r.label: dict(base["methods"][r.label] or {}) for r in tuned}
+    for result in tuned:
         for key, value in result.best_params.items():
             if key.startswith(("train.", "model.")):
                 section, name = key.split(".", 1)
                 base[section][name] = value
             else:
                 base["methods"][result.label][key] = value
-        values = ", ".join(f"{v:.6g}" for v in result.best_values or [])
-        header.append(
-            f"# {result.label}: tuned by Optuna study {result.study_name!r} "
-            f"({result.storage}), protocol {config.sweep.protocol}, "
-            f"{', '.join(config.sweep.objective)} = {values}"
-        )
-    return "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.create(base))
+    return base
+
+
+def export_best(config: SweepExperimentConfig, results: list[StudyResult]) -> str:
+    """:func:`best_config` as YAML ``lia run`` accepts, headed by where the values came from."""
+    header = [
+        f"# {r.label}: tuned by Optuna study {r.study_name!r} ({r.storage}), protocol "
+        f"{config.sweep.protocol}, {', '.join(config.sweep.objective)} = "
+        + ", ".join(f"{v:.6g}" for v in r.best_values or [])
+        for r in results
+        if r.best_params is not None
+    ]
+    body = OmegaConf.to_yaml(OmegaConf.create(best_config(config, results)))
+    return "\n".join(header) + "\n" + body
+
+
+def _evaluate_heldout(
+    config: SweepExperimentConfig, results: list[StudyResult], console: Console, progress: bool
+) -> None:
+    """heldout: run the best values on the evaluation stream, fresh seeds, as ``lia run``."""
+    from orchestrator.driver import execute
+
+    console.print(
+        f"protocol heldout: running the best values on the evaluation stream with seeds "
+        f"{list(config.seeds)} (experiment {config.tracking.experiment or config.name!r})"
+    )
+    evaluation = execute(
+        load_config(best_config(config, results)), progress=progress, console=console
+    )
+    for result in results:
+        result.evaluation = evaluation.summary

@@ -145,3 +145,35 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     children = [r for r in runs if r.data.tags.get("lia.kind") == "run"]
     finished = [r.data.tags["run_key"] for r in children if r.info.status == "FINISHED"]
     assert len(finished) == len(set(finished)) == 4  # each trial run computed once
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_protocols_heldout_and_first_tasks_tune_on_what_they_say(tmp_path, capsys):
+    lrs = [0.05, 0.2]
+    space = {"train.lr": {"type": "categorical", "choices": lrs}}
+    config = _sweep_config(
+        tmp_path, "heldout", n_trials=2, pruner="none", protocol="heldout", space=space
+    )
+    path = tmp_path / "heldout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=config["tracking"]["uri"])
+    tuning = client.get_experiment_by_name("heldout-sweep")
+    runs = client.search_runs([tuning.experiment_id], "tags.`lia.kind` = 'run'")
+    assert {r.data.tags["seed"] for r in runs} == {"10000"}  # tuned on other seeds
+    evaluation = client.get_experiment_by_name("heldout")  # then a lia run experiment
+    (best,) = client.search_runs([evaluation.experiment_id], "tags.`lia.kind` = 'run'")
+    study = _study(tmp_path, "heldout-finetune")
+    assert best.data.tags["seed"] == "0"
+    assert float(best.data.params["train.lr"]) == study.best_params["train.lr"]
+    assert "best values on the evaluation stream" in capsys.readouterr().out
+
+    config = _sweep_config(
+        tmp_path, "first", n_trials=2, pruner="none", protocol="first_tasks", space=space
+    )
+    config["sweep"]["first_tasks"] = 2
+    path = tmp_path / "first.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    for trial in _study(tmp_path, "first-finetune").trials:
+        assert sorted(trial.intermediate_values) == [0, 1]  # 2 of the stream's 3 tasks
