@@ -344,10 +344,8 @@ def test_longer_stream_starts_with_the_same_tasks():
     assert all(torch.equal(a.x_train, b.x_train) for a, b in zip(short, long[:2], strict=True))
 
 
-def test_mnist5k_streams_build_quickly():
-    started = time.perf_counter()
+def test_mnist5k_streams_build():
     stream = build_stream(StreamConfig(name="permuted", num_tasks=5), seed=0)
-    assert time.perf_counter() - started < 5.0
     assert (
         stream.input_shape == (1, 28, 28) and stream[4].num_train == 4000
     )  # 0 = every training image
