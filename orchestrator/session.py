@@ -146,8 +146,8 @@ class RunState:
 class RunObserver:
     """What a session's user hears; override what you need (``lia sweep`` does)."""
 
-    def task_done(self, spec: RunSpec, r: RMatrix, event: dict[str, Any]) -> bool:
-        """A run finished a task (``r`` has its rows so far); True stops the run."""
+    def task_done(self, spec: RunSpec, r: RMatrix, event: dict[str, Any]) -> bool | str:
+        """A run finished a task (``r`` has its rows so far); True (or a reason) stops it."""
         return False
 
     def run_ended(self, spec: RunSpec, result: RunResult) -> None:
@@ -368,7 +368,10 @@ class RunSession:
         if handler(self, state, event):
             self.view.update(self.counts, advance=1)
         if kind == "task" and state.stop_reason is None:
-            return bool(self.observer.task_done(state.spec, state.r, event))
+            stop = self.observer.task_done(state.spec, state.r, event)
+            if stop:
+                state.stop_reason = stop if isinstance(stop, str) else "stopped by its observer"
+                return True
         return False
 
     def finished(self, job: Job) -> None:
@@ -382,7 +385,7 @@ class RunSession:
         state: RunState = job.data
         reason = state.stop_reason or "stopped"
         if state.run_id is not None:
-            self.tracker.fail_child(state.run_id, f"stopped: {reason}", status="KILLED")
+            self.tracker.fail_child(state.run_id, reason, status="KILLED")
             self.tracker.client.set_tag(state.run_id, "lia.end_reason", reason)
         self._forget(job, state)
         self._stopped_result(state.spec, state, reason, job.attempts)

@@ -47,13 +47,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
             else "no complete trial"
         )
         Console().print(f"study {r.study_name} ({r.label}): {counts} · {best}")
-    evaluation = next((r.evaluation for r in results if r.evaluation is not None), None)
-    if evaluation is not None and not evaluation.empty:
-        from orchestrator.progress import summary_table
+    for r in results:
+        if r.evaluation is not None and not r.evaluation.empty:
+            from orchestrator.progress import summary_table
 
-        title = f"{config.name}: best values on the evaluation stream (heldout protocol)"
-        Console().print(summary_table(evaluation, title))
+            title = f"{r.label}: best values on the evaluation stream (heldout protocol)"
+            Console().print(summary_table(r.evaluation, title))
     if args.export:
-        Path(args.export).write_text(export_best(config, results))
-        console.print(f"wrote {args.export}: run it with lia run {args.export}")
+        export = Path(args.export)
+        tuned = [r for r in results if r.best_params is not None]
+        for r in tuned:  # one config per tuned label: its train.* values are its own
+            path = export if len(tuned) == 1 else export.with_stem(f"{export.stem}-{r.label}")
+            path.write_text(export_best(config, r))
+            console.print(f"wrote {path}: run it with lia run {path}")
     return 0 if all(r.best_params is not None for r in results) else 1

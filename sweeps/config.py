@@ -140,3 +140,15 @@ def validate_sweep(config: SweepExperimentConfig) -> None:
     if sweep.sampler == "grid":
         for space in spaces.values():
             grid_values(space)
+    if sweep.pruner != "none" and list(sweep.objective) != ["ACC"] and len(sweep.objective) == 1:
+        raise ConfigError(
+            f"sweep.pruner={sweep.pruner} with sweep.objective={list(sweep.objective)}: trials "
+            "report their average accuracy after each task, so pruning fits objective ACC "
+            "only; use sweep.objective=[ACC] or sweep.pruner=none"
+        )
+    if "FWT" in sweep.objective and config.stream.scenario == "class":
+        raise ConfigError(
+            "sweep.objective: FWT is undefined on a class-incremental stream (unseen classes "
+            "score 0 by construction); accepted here: "
+            + ", ".join(name for name in OBJECTIVES if name != "FWT")
+        )

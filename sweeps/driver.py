@@ -160,7 +160,7 @@ class _StudyObserver(RunObserver):
             )
 
     # ------------------------------------------------------------------ reporting
-    def task_done(self, spec: RunSpec, r: Any, event: dict[str, Any]) -> bool:
+    def task_done(self, spec: RunSpec, r: Any, event: dict[str, Any]) -> bool | str:
         entry = self.trials.get(self.by_run.get(spec.run_key, -1))
         if entry is None or self.multi or entry.pruned_at is not None:
             return False
@@ -181,10 +181,11 @@ class _StudyObserver(RunObserver):
             f"[yellow]trial {entry.trial.number} ({self.label}) pruned after task {step}: "
             f"average accuracy {100 * value:.2f}%[/]"
         )
+        reason = f"trial {entry.trial.number} pruned after task {step}"
         for other in entry.specs:
             if other.run_key != spec.run_key:
-                self._session.stop(other.run_key, f"trial {entry.trial.number} pruned")
-        return True
+                self._session.stop(other.run_key, reason)
+        return reason
 
     def run_ended(self, spec: RunSpec, result: RunResult) -> None:
         number = self.by_run.get(spec.run_key)
@@ -213,7 +214,12 @@ class _StudyObserver(RunObserver):
             self._tell_failed(trial.number, trial, reason)
             self._tag(results, "failed")
             return
-        values = [self._objective(entry, name) for name in self.objectives]
+        try:
+            values = [self._objective(entry, name) for name in self.objectives]
+        except ValueError as err:
+            self._tell_failed(trial.number, trial, str(err))
+            self._tag(results, "failed")
+            return
         if any(r.at_chance for r in results):
             trial.set_user_attr("lia.at_chance", True)
         self.study.tell(trial, values if self.multi else values[0])
@@ -255,6 +261,19 @@ class _StudyObserver(RunObserver):
         for result in results:
             if result.mlflow_run_id:
                 self._session.tracker.client.set_tag(result.mlflow_run_id, "trial_state", state)
+
+    def abandon(self, reason: str) -> None:
+        """The driver is going away: fail the trials in flight and queue their params again."""
+        for number, entry in list(self.trials.items()):
+            try:
+                entry.trial.set_user_attr("lia.orphaned", reason)
+                self.study.tell(entry.trial, state=optuna.trial.TrialState.FAIL)
+                self.study.enqueue_trial(
+                    entry.params, user_attrs={"lia.retry_of": number}, skip_if_exists=False
+                )
+            except Exception as err:  # the next invocation's recover_orphans will do it
+                log.warning("could not release trial %s: %s", number, err)
+        self.trials.clear()
 
     def _progress(self) -> str:
         """Trials decided of n_trials, by state, running now, and an ETA."""
@@ -394,9 +413,11 @@ def _run_study(
             session.run([], plan)
     except KeyboardInterrupt:
         status = "KILLED"
+        observer.abandon("the driver was interrupted")
         raise
-    except BaseException:
+    except BaseException as err:
         status = "FAILED"
+        observer.abandon(f"the driver failed: {type(err).__name__}: {err}")
         raise
     finally:
         result = _summarise(study, label, name, s.storage, parent_id, observer, s.objective)
@@ -432,7 +453,8 @@ def _summarise(
                 pareto.append(
                     {"trial": t.number, **dict(zip(objectives, t.values, strict=True)), **t.params}
                 )
-            first = max(study.best_trials, key=lambda t: t.values[0])
+            sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+            first = max(study.best_trials, key=lambda t: sign * t.values[0])
             best_params, best_values = dict(first.params), list(first.values)
         else:
             best_params, best_values = dict(study.best_trial.params), [study.best_value]
@@ -499,37 +521,33 @@ def _log_study_summary(tracker: Tracker, parent_id: str, result: StudyResult) ->
         tracker.client.set_tag(parent_id, key, value)
 
 
-def best_config(config: SweepExperimentConfig, results: list[StudyResult]) -> dict[str, Any]:
-    """The config with each tuned method's best values, without the sweep section.
+def best_config(config: SweepExperimentConfig, result: StudyResult) -> dict[str, Any]:
+    """The config running one tuned label with its study's best values (no sweep section).
 
     The protocol's tuning changes (other seeds, fewer tasks) are not carried over: it runs on
-    the evaluation stream with the config's own seeds. Only the tuned labels are kept.
+    the evaluation stream with the config's own seeds. One label per config, because tuned
+    ``train.*`` / ``model.*`` values belong to that label's study only.
     """
     base = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     base.pop("sweep")
-    tuned = [r for r in results if r.best_params is not None]
-    base["methods"] = {r.label: dict(base["methods"][r.label] or {}) for r in tuned}
-    for result in tuned:
-        for key, value in result.best_params.items():
-            if key.startswith(("train.", "model.")):
-                section, name = key.split(".", 1)
-                base[section][name] = value
-            else:
-                base["methods"][result.label][key] = value
+    base["methods"] = {result.label: dict(base["methods"][result.label] or {})}
+    for key, value in (result.best_params or {}).items():
+        if key.startswith(("train.", "model.")):
+            section, name = key.split(".", 1)
+            base[section][name] = value
+        else:
+            base["methods"][result.label][key] = value
     return base
 
 
-def export_best(config: SweepExperimentConfig, results: list[StudyResult]) -> str:
+def export_best(config: SweepExperimentConfig, result: StudyResult) -> str:
     """:func:`best_config` as YAML ``lia run`` accepts, headed by where the values came from."""
-    header = [
-        f"# {r.label}: tuned by Optuna study {r.study_name!r} ({r.storage}), protocol "
-        f"{config.sweep.protocol}, {', '.join(config.sweep.objective)} = "
-        + ", ".join(f"{v:.6g}" for v in r.best_values or [])
-        for r in results
-        if r.best_params is not None
-    ]
-    body = OmegaConf.to_yaml(OmegaConf.create(best_config(config, results)))
-    return "\n".join(header) + "\n" + body
+    header = (
+        f"# {result.label}: tuned by Optuna study {result.study_name!r} ({result.storage}), "
+        f"protocol {config.sweep.protocol}, {', '.join(config.sweep.objective)} = "
+        + ", ".join(f"{v:.6g}" for v in result.best_values or [])
+    )
+    return header + "\n" + OmegaConf.to_yaml(OmegaConf.create(best_config(config, result)))
 
 
 def _evaluate_heldout(
@@ -542,8 +560,7 @@ def _evaluate_heldout(
         f"protocol heldout: running the best values on the evaluation stream with seeds "
         f"{list(config.seeds)} (experiment {config.tracking.experiment or config.name!r})"
     )
-    evaluation = execute(
-        load_config(best_config(config, results)), progress=progress, console=console
-    )
     for result in results:
-        result.evaluation = evaluation.summary
+        if result.best_params is not None:
+            best = load_config(best_config(config, result))
+            result.evaluation = execute(best, progress=progress, console=console).summary

@@ -92,9 +92,16 @@ def test_bad_sweep_input_is_refused_before_work(tmp_path, capsys):
         ({"n_trials": 0}, "sweep.n_trials"),
         ({"sampler": "bayes"}, "sweep.sampler"),
         ({"space": {"train.lr": {"type": "log", "low": 0.0, "high": 1.0}}}, "sweep.space"),
+        ({"objective": ["forgetting"]}, "pruning fits objective ACC only"),
+        ({"objective": ["FWT"], "pruner": "none", "_class_il": True}, "FWT is undefined"),
+        ({"n_trials": 10}, "more than the grid's 9 points"),
     ]
     for changes, expected in cases:
+        changes = dict(changes)
+        class_il = changes.pop("_class_il", False)
         config = _sweep_config(tmp_path, "bad", **changes)
+        if class_il:
+            config["stream"] = {"name": "split", "source": "digits", "scenario": "class"}
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(config))
         assert main(["sweep", str(path), "--no-progress"]) == 2, changes
