@@ -1,9 +1,19 @@
-"""One network probe for every 'is anything listening there?' check."""
+"""Network helpers: one probe for every 'is anything listening there?' check; redaction."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import urllib.parse
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and tags)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 
 def probe_tcp(host: str, port: int, timeout_s: float = 3.0) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from learners import ConfigError
 from orchestrator.config import ExperimentConfig, parse_ray_address
-from orchestrator.net import probe_tcp
+from orchestrator.net import probe_tcp, redact
 from orchestrator.tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
 __all__ = ["TRACKING_SCHEMES", "check_report", "check_run"]
@@ -181,23 +181,14 @@ def _check_tracking_network(uri: str, key: str, scheme: str) -> None:
         try:
             host, port = parsed.hostname, parsed.port or _DB_PORTS[scheme]
         except ValueError:  # a port that is not a number
-            raise ConfigError(f"{key}={_redact(uri)!r} has an invalid port") from None
+            raise ConfigError(f"{key}={redact(uri)!r} has an invalid port") from None
         if host:  # no host: a local socket, left to the driver
             _check_tcp(
                 host,
                 port,
-                f"{key}={_redact(uri)!r} is unreachable",
+                f"{key}={redact(uri)!r} is unreachable",
                 "start the database or point the URI at a reachable one",
             )
-
-
-def _redact(uri: str) -> str:
-    """The URI without its password."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.password is None:
-        return uri
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 
 # ---------------------------------------------------------------------------- folders

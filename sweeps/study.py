@@ -43,7 +43,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from learners import ConfigError
 from orchestrator.liveness import owner_alive, owner_record
-from orchestrator.net import probe_tcp
+from orchestrator.net import probe_tcp, redact
+from orchestrator.tracking import sqlite_path
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -242,25 +243,6 @@ def _backend(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
-
-
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of ``sqlite:///path`` (relative) or ``sqlite:////path`` (absolute);
-    None for an in-memory database."""
-    rest = url.split("://", 1)[1]
-    if not rest.startswith("/"):
-        return None  # sqlite:// or sqlite://?...
-    path = urllib.parse.unquote(rest[1:].split("?", 1)[0])
-    return None if path in ("", ":memory:") else Path(path)
-
-
 def check_storage(storage: str | None) -> None:
     """Refuse (one ConfigError naming ``sweep.storage``) a storage the sweep cannot use.
 
@@ -270,13 +252,13 @@ def check_storage(storage: str | None) -> None:
     Writes nothing: no file, no database, no study.
     """
     url = storage_url(storage)
-    key = f"sweep.storage={_redact(url)!r}"
+    key = f"sweep.storage={redact(url)!r}"
     if _is_journal(url):
         _check_file(Path(url).expanduser(), key, "journal file")
         return
     backend = _backend(url)
     if backend == "sqlite":
-        path = _sqlite_file(url)
+        path = sqlite_path(url)
         if path is None:
             raise ConfigError(
                 f"{key} is an in-memory database: a sweep could not resume from it; "
@@ -387,7 +369,7 @@ def open_study(
     )
     have = [d.name.lower() for d in study.directions]
     if have != wanted:
-        where = "" if isinstance(storage, BaseStorage) else f" in {_redact(storage_url(storage))}"
+        where = "" if isinstance(storage, BaseStorage) else f" in {redact(storage_url(storage))}"
         raise ConfigError(
             f"study {study_name!r}{where} exists with directions {have}, and this sweep asks "
             f"for {wanted} (sweep.objective); give another sweep.study_name, or the objectives "
