@@ -61,6 +61,7 @@ LAMBDA = (1.0, 1e5)
 LR = (1e-4, 1e-2)
 SAMPLER_SEED = 0
 PRUNER = "median"  # --pruner: any of sweep.pruner's names
+PRUNE_FROM_TASK = 1  # --prune-from-task: sweep.prune_from_task
 THROUGHPUT_TRIALS = 6
 QUICK = {"TRIALS": 6, "TASKS": 3, "THROUGHPUT_TRIALS": 4}
 # ------------------------------------------------------------------------
@@ -103,6 +104,7 @@ def config(folder: Path, name: str, pruner: str, trials: int, actors: int) -> di
             "sampler": "tpe",
             "sampler_seed": SAMPLER_SEED,
             "pruner": pruner,
+            "prune_from_task": PRUNE_FROM_TASK,
             "protocol": "full",
             "storage": f"sqlite:///{folder}/optuna.db",
         },
@@ -148,13 +150,14 @@ def best(result: StudyResult) -> tuple[float, str]:
 
 
 def main() -> None:
-    global TRIALS, TASKS, THROUGHPUT_TRIALS, PRUNER
+    global TRIALS, TASKS, THROUGHPUT_TRIALS, PRUNER, PRUNE_FROM_TASK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 trials of 3 tasks")
     parser.add_argument("--pruner", default=PRUNER, help="the pruner to compare with none")
+    parser.add_argument("--prune-from-task", type=int, default=PRUNE_FROM_TASK)
     parser.add_argument("--no-throughput", action="store_true", help="skip trials per hour")
     args = parser.parse_args()
-    PRUNER = args.pruner
+    PRUNER, PRUNE_FROM_TASK = args.pruner, args.prune_from_task
     if args.quick:
         TRIALS, TASKS = QUICK["TRIALS"], QUICK["TASKS"]
         THROUGHPUT_TRIALS = QUICK["THROUGHPUT_TRIALS"]
@@ -179,7 +182,7 @@ def main() -> None:
     acc_unpruned, params_unpruned = best(unpruned)
     per_hour_one = THROUGHPUT_TRIALS / wall_one * 3600
     per_hour_two = THROUGHPUT_TRIALS / wall_two * 3600
-    print(f"pruner: {PRUNER}")
+    print(f"pruner: {PRUNER} (from task {PRUNE_FROM_TASK})")
     print(f"trials: {TRIALS}")
     print(f"tasks: {TASKS}")
     print(f"task_trainings_pruned: {count_pruned}")

@@ -52,6 +52,12 @@ class SweepConfig:
     sampler: str = hp("tpe", help="Optuna sampler", choices=SAMPLERS)
     sampler_seed: int = hp(0, help="the sampler's seed")
     pruner: str = hp("median", help="Optuna pruner (single-objective studies)", choices=PRUNERS)
+    prune_from_task: int = hp(
+        1,
+        help="median / percentile prune from this task index on (0 = after the first task; "
+        "1, the default, waits until forgetting can show)",
+        low=0,
+    )
     seeds_per_trial: int = hp(
         1, help="runs per trial, on the first seeds of `seeds`; its value is their mean", low=1
     )

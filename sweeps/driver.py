@@ -314,7 +314,7 @@ def sweep(
     studies.check_storage(config.sweep.storage)
     spaces = sweep_spaces(config)
     n_objectives = len(config.sweep.objective)
-    studies.build_pruner(config.sweep.pruner, n_objectives)  # refuses before any work
+    studies.build_pruner(config.sweep.pruner, n_objectives, config.sweep.prune_from_task)
     for space in spaces.values():
         grid = grid_values(space) if config.sweep.sampler == "grid" else None
         studies.build_sampler(config.sweep.sampler, config.sweep.sampler_seed, grid, n_objectives)
@@ -367,7 +367,7 @@ def _run_study(
         name,
         [OBJECTIVES[o] for o in s.objective],
         studies.build_sampler(s.sampler, s.sampler_seed, grid, n_objectives),
-        studies.build_pruner(s.pruner, n_objectives),
+        studies.build_pruner(s.pruner, n_objectives, s.prune_from_task),
     )
     settings = {
         "label": label,
@@ -375,6 +375,7 @@ def _run_study(
         "sampler": s.sampler,
         "sampler_seed": s.sampler_seed,
         "pruner": s.pruner,
+        "prune_from_task": s.prune_from_task,
         "protocol": s.protocol,
         "seeds_per_trial": s.seeds_per_trial,
         "n_trials": s.n_trials,

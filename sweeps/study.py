@@ -192,24 +192,25 @@ def _wilcoxon() -> BasePruner:
         return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
 
 
-PRUNERS: dict[str, Callable[[], BasePruner]] = {
-    "median": lambda: optuna.pruners.MedianPruner(
-        n_startup_trials=N_STARTUP_TRIALS, n_warmup_steps=N_WARMUP_STEPS
+PRUNERS: dict[str, Callable[[int], BasePruner]] = {
+    "median": lambda warmup: optuna.pruners.MedianPruner(
+        n_startup_trials=N_STARTUP_TRIALS, n_warmup_steps=warmup
     ),
-    "percentile": lambda: optuna.pruners.PercentilePruner(
-        25.0, n_startup_trials=N_STARTUP_TRIALS, n_warmup_steps=N_WARMUP_STEPS
+    "percentile": lambda warmup: optuna.pruners.PercentilePruner(
+        25.0, n_startup_trials=N_STARTUP_TRIALS, n_warmup_steps=warmup
     ),
-    "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-    "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
-    "wilcoxon": _wilcoxon,
-    "none": lambda: optuna.pruners.NopPruner(),
+    "successive_halving": lambda warmup: optuna.pruners.SuccessiveHalvingPruner(),
+    "hyperband": lambda warmup: optuna.pruners.HyperbandPruner(min_resource=1),
+    "wilcoxon": lambda warmup: _wilcoxon(),
+    "none": lambda warmup: optuna.pruners.NopPruner(),
 }
-"""pruner name -> factory()"""
+"""pruner name -> factory(warmup: the first task index median/percentile may prune at)"""
 
 
-def build_pruner(name: str, n_objectives: int = 1) -> BasePruner:
-    """The pruner ``sweep.pruner=name`` names. Raises ConfigError for an unknown name, or for
-    a pruner other than ``none`` on a multi-objective study (Optuna cannot prune those)."""
+def build_pruner(name: str, n_objectives: int = 1, warmup: int = N_WARMUP_STEPS) -> BasePruner:
+    """The pruner ``sweep.pruner=name`` names (median and percentile prune from task
+    ``warmup`` on). Raises ConfigError for an unknown name, or for a pruner other than
+    ``none`` on a multi-objective study (Optuna cannot prune those)."""
     factory = PRUNERS.get(name)
     if factory is None:
         raise ConfigError(
@@ -220,7 +221,7 @@ def build_pruner(name: str, n_objectives: int = 1) -> BasePruner:
             f"sweep.pruner={name} cannot prune a multi-objective study (Optuna does not "
             "support it); use sweep.pruner=none or one objective"
         )
-    return factory()
+    return factory(warmup)
 
 
 # ---------------------------------------------------------------------------- storage

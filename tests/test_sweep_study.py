@@ -496,3 +496,15 @@ def test_postgresql_backed_study(postgres_url):
     assert retry_values == orphan_values and retry.user_attrs[RETRY_OF] == orphan.number
     again.tell(retry, 0.5)
     assert decided(again) == 4 and remaining(again, 4) == 0
+
+
+@pytest.mark.parametrize(("warmup", "pruned_at_task_0"), [(0, True), (1, False)])
+def test_median_prunes_from_the_task_prune_from_task_names(warmup, pruned_at_task_0):
+    study = optuna.create_study(direction="maximize", pruner=build_pruner("median", 1, warmup))
+    for value in (0.8, 0.85, 0.9, 0.82):  # four finished trials make the reference
+        trial = study.ask()
+        trial.report(value, 0)
+        study.tell(trial, value)
+    poor = study.ask()
+    poor.report(0.1, 0)
+    assert bool(poor.should_prune()) is pruned_at_task_0
