@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from learners import LEARNERS, ConfigError
 from learners.hparams import describe_range
+from orchestrator.config import REUSE_MODES
 
 EXTRA_COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {}
 """subcommands other packages registered (name -> handler)"""
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--reuse",
-        choices=["same-code", "any", "none"],
+        choices=REUSE_MODES,
         default="same-code",
         help="which finished runs stand for runs of this config: those with the same "
         "config, seed and code (default), the same config and seed whatever the code, or none",

@@ -29,6 +29,10 @@ from learners import ConfigError, ModelConfig, TrainConfig, learner_class
 from learners.hparams import as_dict, build_dataclass, check_ranges, hp
 from task_streams import StreamConfig, build_stream, validate_stream_config
 
+REUSE_MODES = ("same-code", "any", "none")
+"""which finished runs stand for a config's runs: same config, seed and code; the same
+whatever the code; none"""
+
 
 @dataclass
 class ResourcesConfig:

@@ -33,7 +33,7 @@ from rich.markup import escape
 from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import plots
-from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, to_yaml
+from orchestrator.config import REUSE_MODES, ExperimentConfig, RunSpec, expand_runs, to_yaml
 from orchestrator.progress import summary_table
 from orchestrator.results import (
     RunResult,
@@ -50,9 +50,15 @@ from orchestrator.tracking import Tracker, load_r_matrices, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-REUSE_MODES = ("same-code", "any", "none")
-
-__all__ = ["REUSE_MODES", "ExperimentResult", "execute", "plan_actors", "summary_table"]
+__all__ = [
+    "REUSE_MODES",
+    "ExperimentResult",
+    "execute",
+    "plan_actors",
+    "sigterm_interrupts",
+    "stop_ray",
+    "summary_table",
+]
 
 
 @dataclass
@@ -118,11 +124,11 @@ def execute(
     if pending:
         started_ray = ensure_ray(config.ray)
         # after ray.init, whose own SIGTERM handler would end the process mid-cleanup
-        sigterm = _sigterm_interrupts()
+        sigterm = sigterm_interrupts()
         try:  # a resource request the cluster cannot meet fails before MLflow is touched
             plan = plan_actors(config.resources, len(pending))
         except BaseException:
-            _stop_ray(started_ray, sigterm)
+            stop_ray(started_ray, sigterm)
             raise
     try:
         tracker.ensure_experiment()
@@ -142,7 +148,7 @@ def execute(
             },
         )
     except BaseException:
-        _stop_ray(started_ray, sigterm)
+        stop_ray(started_ray, sigterm)
         raise
 
     session = RunSession(config, tracker, parent_id, console, progress, notes, reuse)
@@ -160,7 +166,7 @@ def execute(
         status = "FAILED"
         raise
     finally:
-        _stop_ray(started_ray, sigterm)
+        stop_ray(started_ray, sigterm)
         frame = runs_frame(results + session.results)
         try:
             summary = summarize(frame)
@@ -176,7 +182,7 @@ def execute(
     )
 
 
-def _stop_ray(started_ray: bool, sigterm: Any) -> None:
+def stop_ray(started_ray: bool, sigterm: Any) -> None:
     """Shut down the Ray this invocation started, and restore the SIGTERM handler."""
     if started_ray:
         ray.shutdown()
@@ -184,7 +190,7 @@ def _stop_ray(started_ray: bool, sigterm: Any) -> None:
         signal.signal(signal.SIGTERM, sigterm)
 
 
-def _sigterm_interrupts() -> Any:
+def sigterm_interrupts() -> Any:
     """Make SIGTERM (``kill``) end the invocation like Ctrl-C: live runs marked KILLED.
 
     Returns the handler to restore afterwards (None when not in the main thread).

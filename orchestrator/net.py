@@ -39,3 +39,18 @@ def probe_tcp(host: str, port: int, timeout_s: float = 3.0) -> str | None:
     if "ok" in outcome:
         return None
     return outcome.get("error", f"no answer within {2 * timeout_s:g} s")
+
+
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+"""default ports of the database servers a tracking or Optuna URL may name"""
+
+
+def database_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a database URL's server; None when it names no host (a local socket).
+
+    Raises ValueError for a port that is not a number.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.split("+", 1)[0].lower()
+    host, port = parsed.hostname, parsed.port or DB_PORTS.get(scheme)
+    return (host, port) if host and port else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from learners import ConfigError
 from orchestrator.config import ExperimentConfig, parse_ray_address
-from orchestrator.net import probe_tcp, redact
+from orchestrator.net import DB_PORTS, database_address, probe_tcp, redact
 from orchestrator.tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
 __all__ = ["TRACKING_SCHEMES", "check_report", "check_run"]
@@ -41,7 +41,6 @@ _ACCEPTED_URIS = (
     "sqlite:///path/to/mlflow.db, postgresql://, mysql://, mssql://, http(s)://host:port, "
     "file:///path (or a plain folder path), databricks, databricks-uc, uc"
 )
-_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 TCP_TIMEOUT_S = 3.0
 
 
@@ -148,46 +147,55 @@ def _check_store(path: Path, uri: str, key: str, *, report: bool, is_file: bool)
     """A SQLite file (``is_file``) or file-store folder: for a report it must exist; for a run
     it may be created, but only inside an existing, writable folder."""
     what = "database file" if is_file else "store folder"
-    shown = os.path.abspath(path)
-    if path.exists():
-        if is_file and path.is_dir():
-            raise ConfigError(f"{key}={uri!r}: {shown} is a folder; expected a {what}")
-        if not is_file and not path.is_dir():
-            raise ConfigError(f"{key}={uri!r}: {shown} is a file; expected a {what}")
-        if not report and not os.access(path, os.W_OK):
-            raise ConfigError(f"{key}={uri!r}: {shown} is not writable")
+    if not report:
+        fix = f"point tracking.uri / $MLFLOW_TRACKING_URI at a {what} in an existing folder"
+        check_creatable(path, f"{key}={uri!r}", what, fix, is_file=is_file)
         return
-    if report:
+    shown = os.path.abspath(path)
+    if not path.exists():
         raise ConfigError(
             f"no MLflow store at {shown} ({key}={uri!r}); run `lia run` first, or point "
             "--tracking-uri / $MLFLOW_TRACKING_URI at an existing store"
         )
-    folder = Path(shown).parent
+    if path.is_dir() != (not is_file):
+        found = "a folder" if path.is_dir() else "a file"
+        raise ConfigError(f"{key}={uri!r}: {shown} is {found}; expected a {what}")
+
+
+def check_creatable(path: Path, label: str, what: str, fix: str, *, is_file: bool = True) -> None:
+    """``path`` is an existing writable ``what`` (a file, or a folder when not ``is_file``),
+    or one that can be created in an existing writable folder; else one ConfigError that
+    starts with ``label`` and ends, for a missing folder, with ``fix``."""
+    shown = Path(os.path.abspath(path))
+    if shown.exists():
+        if is_file and shown.is_dir():
+            raise ConfigError(f"{label}: {shown} is a folder; expected a {what}")
+        if not is_file and not shown.is_dir():
+            raise ConfigError(f"{label}: {shown} is a file; expected a {what}")
+        if not os.access(shown, os.W_OK):
+            raise ConfigError(f"{label}: {shown} is not writable")
+        return
+    folder = shown.parent
     if not folder.is_dir():
-        raise ConfigError(
-            f"{key}={uri!r}: the folder {folder} does not exist; create it or point "
-            f"tracking.uri / $MLFLOW_TRACKING_URI at a {what} in an existing folder"
-        )
+        raise ConfigError(f"{label}: the folder {folder} does not exist; create it or {fix}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={uri!r}: the folder {folder} is not writable")
+        raise ConfigError(f"{label}: the folder {folder} is not writable")
 
 
 def _check_tracking_network(uri: str, key: str, scheme: str) -> None:
     """An HTTP server must answer /health; a database server must accept a TCP connection."""
     if scheme in ("http", "https"):
         check_reachable(uri)
-    elif scheme in _DB_PORTS:
-        parsed = urllib.parse.urlsplit(uri)
+    elif scheme in DB_PORTS:
         try:
-            host, port = parsed.hostname, parsed.port or _DB_PORTS[scheme]
+            address = database_address(uri)
         except ValueError:  # a port that is not a number
             raise ConfigError(f"{key}={redact(uri)!r} has an invalid port") from None
-        if host:  # no host: a local socket, left to the driver
-            _check_tcp(
-                host,
-                port,
-                f"{key}={redact(uri)!r} is unreachable",
-                "start the database or point the URI at a reachable one",
+        reason = probe_tcp(*address, TCP_TIMEOUT_S) if address else None
+        if reason is not None:  # (no host: a local socket, left to the driver)
+            raise ConfigError(
+                f"{key}={redact(uri)!r} is unreachable ({reason}); start the database or point "
+                "the URI at a reachable one"
             )
 
 
@@ -262,11 +270,3 @@ def _detected_gpus() -> int:
     import torch  # only when a run asks for a GPU: importing torch takes a second or two
 
     return torch.cuda.device_count()
-
-
-# ---------------------------------------------------------------------------- network
-def _check_tcp(host: str, port: int, what: str, fix: str) -> None:
-    """ConfigError ``what (reason); fix`` unless a TCP connection opens in TCP_TIMEOUT_S."""
-    reason = probe_tcp(host, port, TCP_TIMEOUT_S)
-    if reason is not None:
-        raise ConfigError(f"{what} ({reason}); {fix}")

@@ -34,7 +34,7 @@ from orchestrator.pool import ActorPool, Job, is_system_failure
 from orchestrator.progress import ProgressView
 from orchestrator.results import METRICS, RunResult
 from orchestrator.runner import format_error, make_runner_class
-from orchestrator.tracking import Tracker, load_r_matrices
+from orchestrator.tracking import Tracker, load_r_matrices, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def code_version() -> str:
 
 def lease_root(config: ExperimentConfig, uri: str) -> Path:
     """Where run leases live: beside the checkpoints, else beside a SQLite store, else home."""
-    from orchestrator.tracking import sqlite_path
-
     if config.checkpoints.dir:
         return Path(config.checkpoints.dir).expanduser().resolve() / ".leases"
     db = sqlite_path(uri)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
@@ -33,6 +32,7 @@ from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import preflight
 from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, load_config
+from orchestrator.driver import sigterm_interrupts, stop_ray
 from orchestrator.liveness import HEARTBEAT_S
 from orchestrator.results import RunResult
 from orchestrator.session import RunObserver, RunSession, code_version
@@ -330,6 +330,7 @@ def sweep(
         uri, experiment, config.tracking.artifact_location, config.tracking.flush_interval_s
     )
     started_ray = ensure_ray(config.ray)
+    sigterm = sigterm_interrupts()  # `kill` ends a sweep like Ctrl-C: trials released
     try:
         plan = plan_actors(config.resources, 10**6)
         tracker.ensure_experiment()
@@ -342,8 +343,7 @@ def sweep(
             _evaluate_heldout(config, results, console, progress)
         return results
     finally:
-        if started_ray:
-            ray.shutdown()
+        stop_ray(started_ray, sigterm)
 
 
 def _run_study(
@@ -421,7 +421,7 @@ def _run_study(
         observer.abandon(f"the driver failed: {type(err).__name__}: {err}")
         raise
     finally:
-        result = _summarise(study, label, name, s.storage, parent_id, observer, s.objective)
+        result = _summarise(study, label, name, s.storage, parent_id, s.objective)
         tracker.finish_parent(parent_id, _study_artifacts(study, result), status=status)
         _log_study_summary(tracker, parent_id, result)
     return result
@@ -433,7 +433,6 @@ def _summarise(
     name: str,
     storage: str | None,
     parent_id: str,
-    observer: _StudyObserver,
     objectives: list[str],
 ) -> StudyResult:
     states = optuna.trial.TrialState

@@ -25,9 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +41,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from learners import ConfigError
 from orchestrator.liveness import owner_alive, owner_record
-from orchestrator.net import probe_tcp, redact
+from orchestrator.net import database_address, probe_tcp, redact
+from orchestrator.preflight import check_creatable
 from orchestrator.tracking import sqlite_path
 
 __all__ = [
@@ -82,7 +81,7 @@ SETTINGS_CHANGES = PREFIX + "settings_changes"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 TCP_TIMEOUT_S = 3.0
 JOURNAL_SUFFIXES = (".log", ".journal")
-_DB_PORTS = {"postgresql": 5432, "mysql": 3306}
+SERVER_BACKENDS = ("postgresql", "mysql")
 _ACCEPTED_STORAGE = (
     "sqlite:///path/optuna.db (one driver), a journal file path ending in .log or .journal "
     "(several drivers on one host), postgresql://user:password@host:port/db or "
@@ -255,7 +254,9 @@ def check_storage(storage: str | None) -> None:
     url = storage_url(storage)
     key = f"sweep.storage={redact(url)!r}"
     if _is_journal(url):
-        _check_file(Path(url).expanduser(), key, "journal file")
+        check_creatable(
+            Path(url).expanduser(), key, "journal file", "give a journal file in an existing folder"
+        )
         return
     backend = _backend(url)
     if backend == "sqlite":
@@ -265,32 +266,13 @@ def check_storage(storage: str | None) -> None:
                 f"{key} is an in-memory database: a sweep could not resume from it; "
                 "give sqlite:///path/optuna.db"
             )
-        _check_file(path, key, "database file")
-    elif backend in _DB_PORTS:
+        check_creatable(path, key, "database file", "give a database file in an existing folder")
+    elif backend in SERVER_BACKENDS:
         _check_server(url, key, backend)
     elif backend == "postgres":
         raise ConfigError(f"{key}: SQLAlchemy needs postgresql://, not postgres://")
     else:
         raise ConfigError(f"{key} is not a storage a sweep can use; accepted: {_ACCEPTED_STORAGE}")
-
-
-def _check_file(path: Path, key: str, what: str) -> None:
-    """An existing writable file, or one that can be created in an existing writable folder."""
-    shown = Path(os.path.abspath(path))
-    if shown.exists():
-        if shown.is_dir():
-            raise ConfigError(f"{key}: {shown} is a folder; expected a {what}")
-        if not os.access(shown, os.W_OK):
-            raise ConfigError(f"{key}: {shown} is not writable")
-        return
-    folder = shown.parent
-    if not folder.is_dir():
-        raise ConfigError(
-            f"{key}: the folder {folder} does not exist; create it or give a {what} in an "
-            "existing folder"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: the folder {folder} is not writable")
 
 
 def _check_server(url: str, key: str, backend: str) -> None:
@@ -302,18 +284,17 @@ def _check_server(url: str, key: str, backend: str) -> None:
         driver = make_url(url).get_dialect().driver
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
         raise ConfigError(f"{key} is not a valid database URL ({err})") from None
-    parsed = urllib.parse.urlsplit(url)
     try:
-        host, port = parsed.hostname, parsed.port or _DB_PORTS[backend]
+        address = database_address(url)
     except ValueError:  # a port that is not a number
         raise ConfigError(f"{key} has an invalid port") from None
-    if host:  # no host: a local socket, left to the driver
-        reason = probe_tcp(host, port, TCP_TIMEOUT_S)
-        if reason is not None:
-            raise ConfigError(
-                f"{key} is unreachable ({host}:{port}: {reason}); start the database or point "
-                "sweep.storage at a reachable one"
-            )
+    reason = probe_tcp(*address, TCP_TIMEOUT_S) if address else None
+    if reason is not None:  # (no host: a local socket, left to the driver)
+        host, port = address
+        raise ConfigError(
+            f"{key} is unreachable ({host}:{port}: {reason}); start the database or point "
+            "sweep.storage at a reachable one"
+        )
     module, package = _DB_DRIVERS.get(driver, (None, None))
     if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
         raise ConfigError(
