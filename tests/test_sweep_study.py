@@ -508,3 +508,33 @@ def test_median_prunes_from_the_task_prune_from_task_names(warmup, pruned_at_tas
     poor = study.ask()
     poor.report(0.1, 0)
     assert bool(poor.should_prune()) is pruned_at_task_0
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_lia_sweep_end_to_end_on_postgresql(postgres_url, tmp_path):
+    """`lia sweep` with sweep.storage a postgresql:// URL: the study lives in the server,
+    and the same command again finds it decided and runs nothing more."""
+    import yaml
+    from conftest import tiny_config
+
+    from orchestrator.cli import main
+
+    config = tiny_config(tmp_path, name="pgsweep", methods={"finetune": {}}, seeds=[0])
+    config["stream"]["num_tasks"] = 2
+    config["sweep"] = {
+        "n_trials": 3,
+        "space": {"train.lr": {"type": "categorical", "choices": [0.05, 0.1, 0.2]}},
+        "sampler": "grid",
+        "pruner": "none",
+        "storage": postgres_url,
+    }
+    path = tmp_path / "pgsweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    assert not list(tmp_path.glob("optuna*.db"))  # nothing fell back to a local file
+    study = optuna.load_study(study_name="pgsweep-finetune", storage=postgres_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert sorted(t.params["train.lr"] for t in study.trials) == [0.05, 0.1, 0.2]
+    assert study.user_attrs["protocol"] == "full" and study.user_attrs["sampler"] == "grid"
+    assert main(["sweep", str(path), "--no-progress"]) == 0  # resumes: already decided
+    assert len(optuna.load_study(study_name="pgsweep-finetune", storage=postgres_url).trials) == 3
