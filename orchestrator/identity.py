@@ -43,9 +43,20 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+ADDED_SETTINGS: dict[tuple[str, str], Any] = {("stream", "evaluate_on"): "test"}
+"""(section, key) -> default of settings added after KEY_VERSION 2: hashed only when they
+differ from that default, so adding a setting does not change the keys of existing runs."""
+
+
 def _setting(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config without its label (a name, not a setting)."""
-    return {k: v for k, v in resolved.items() if k != "label"}
+    """The resolved config without its label (a name, not a setting), and without settings
+    added later that hold their default."""
+    setting = {k: v for k, v in resolved.items() if k != "label"}
+    for (section, key), default in ADDED_SETTINGS.items():
+        part = setting.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            setting[section] = {k: v for k, v in part.items() if k != key}
+    return setting
 
 
 def config_key(resolved: dict[str, Any]) -> str:

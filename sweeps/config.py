@@ -8,7 +8,7 @@ by sweeps/study.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,11 @@ from omegaconf import DictConfig
 from learners import ConfigError, hp
 from orchestrator.config import ExperimentConfig, load_config, method_specs
 from sweeps.space import Dimension, grid_values, parse_space
+from task_streams import build_stream, validate_stream_config
+from task_streams.sources import VALIDATION_FRACTION
+
+HELDOUT_SEED_OFFSET = 10_000
+"""the heldout protocol tunes on seeds + this: other streams, other initialisations"""
 
 OBJECTIVES: dict[str, str] = {
     "ACC": "maximize",
@@ -107,6 +112,20 @@ def sweep_spaces(config: SweepExperimentConfig) -> dict[str, dict[str, Dimension
     }
 
 
+def _check_validation_stream(config: SweepExperimentConfig) -> None:
+    """heldout: the validation stream (the training pool split in two) must supply the
+    stream's sample counts; built once here, before any work, as load_config builds the
+    evaluation stream."""
+    try:
+        stream = replace(validate_stream_config(config.stream), evaluate_on="validation")
+        build_stream(stream, seed=int(config.seeds[0]) + HELDOUT_SEED_OFFSET)
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(
+            f"sweep.protocol=heldout tunes on a validation stream (the training pool split "
+            f"{1 - VALIDATION_FRACTION:.0%} / {VALIDATION_FRACTION:.0%}), and {err}"
+        ) from None
+
+
 def validate_sweep(config: SweepExperimentConfig) -> None:
     """Raise ConfigError on the first invalid value of the ``sweep`` section."""
     sweep = config.sweep
@@ -135,6 +154,8 @@ def validate_sweep(config: SweepExperimentConfig) -> None:
             f"sweep.first_tasks={sweep.first_tasks} must be less than stream.num_tasks="
             f"{config.stream.num_tasks} for protocol first_tasks"
         )
+    if sweep.protocol == "heldout":
+        _check_validation_stream(config)
     if sweep.seeds_per_trial > len(config.seeds):
         raise ConfigError(
             f"sweep.seeds_per_trial={sweep.seeds_per_trial} needs as many seeds in seeds; "

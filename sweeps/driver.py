@@ -9,8 +9,10 @@ batch or two and the trial is told PRUNED: a pruned trial is never COMPLETE. A r
 (a diverging loss, say) makes its trial FAIL, with the reason as a user attribute.
 
 Protocols: ``full`` tunes on the evaluation stream itself; ``first_tasks`` on the stream's
-first ``first_tasks`` tasks; ``heldout`` on the same stream built from other seeds (other
-permutations, rotations or sample draws and another initialisation: seeds + 10,000).
+first ``first_tasks`` tasks; ``heldout`` on a validation stream: the same builder with other
+seeds (seeds + 10,000: other permutations, sample draws and initialisations), trained on part
+of the source's training pool and tested on the rest (``stream.evaluate_on=validation``), so
+tuning never reads the test images the best configuration is then evaluated on.
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ from orchestrator.results import RunResult
 from orchestrator.session import RunObserver, RunSession, code_version
 from orchestrator.tracking import Tracker, resolve_tracking_uri
 from sweeps import study as studies
-from sweeps.config import OBJECTIVES, SweepExperimentConfig, sweep_spaces, tuned_labels
+from sweeps.config import (
+    HELDOUT_SEED_OFFSET,
+    OBJECTIVES,
+    SweepExperimentConfig,
+    sweep_spaces,
+    tuned_labels,
+)
 from sweeps.space import Dimension, grid_values, suggest, to_overrides
 
 log = logging.getLogger(__name__)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the driver prints what matters
-
-HELDOUT_SEED_OFFSET = 10_000
-"""the heldout protocol tunes on seeds + this: other streams, other initialisations"""
 
 
 @dataclass
@@ -88,6 +93,7 @@ def trial_config(
     seeds = list(config.seeds)[: config.sweep.seeds_per_trial]
     if sweep["protocol"] == "heldout":
         seeds = [seed + HELDOUT_SEED_OFFSET for seed in seeds]
+        base["stream"]["evaluate_on"] = "validation"
     if sweep["protocol"] == "first_tasks":
         base["stream"]["num_tasks"] = sweep["first_tasks"]
     base["seeds"] = seeds

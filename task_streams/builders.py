@@ -19,7 +19,9 @@ Builders (``stream.name``):
 
 Each task samples ``train_per_task`` training and ``test_per_task`` test samples without
 replacement from the source's pools (0 takes all of them, shuffled); different tasks may reuse
-the same base samples (as in GEM), except in ``noisy_clean``.
+the same base samples (as in GEM), except in ``noisy_clean``. With ``evaluate_on=validation``
+the pools are the two parts of a fixed split of the source's training pool, and the source's
+test pool is never read.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ from task_streams.config import (
     StreamConfig,
     register_stream,
 )
-from task_streams.sources import SourceData, load_source
+from task_streams.sources import SourceData, load_source, validation_view
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(StreamConfig))
 KNOWN_NUM_CLASSES = {"mnist5k": 10, "digits": 10, "fashion_mnist": 10}
 """Classes of the bundled sources, so split configs can be checked without loading data."""
 
 _TRAIN, _TEST, _PERMUTATION, _NOISE = 1, 2, 3, 4
+EVALUATE_ON = ("test", "validation")
+"""stream.evaluate_on: the source's test pool, or a validation part of its training pool"""
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -138,6 +142,11 @@ def validate_stream_config(config: StreamConfig | Mapping[str, Any]) -> StreamCo
     task_order = values["task_order"]
     if task_order is not None:
         task_order = _task_order(task_order, num_tasks)
+    evaluate_on = values["evaluate_on"]
+    if evaluate_on not in EVALUATE_ON:
+        raise ValueError(
+            f"stream.evaluate_on={evaluate_on!r} is not accepted; expected one of {EVALUATE_ON}"
+        )
 
     return StreamConfig(
         name=name,
@@ -152,6 +161,7 @@ def validate_stream_config(config: StreamConfig | Mapping[str, Any]) -> StreamCo
         max_angle=max_angle,
         noise_std=noise_std,
         task_order=task_order,
+        evaluate_on=evaluate_on,
     )
 
 
@@ -345,8 +355,20 @@ def _assemble(
     )
 
 
+_VALIDATION_VIEWS: dict[int, tuple[SourceData, SourceData]] = {}
+"""id(source) -> (source, its validation view): made once per loaded source"""
+
+
 def _source(config: StreamConfig) -> SourceData:
-    return load_source(config.source, config.path)
+    source = load_source(config.source, config.path)
+    if config.evaluate_on != "validation":
+        return source
+    cached = _VALIDATION_VIEWS.get(id(source))
+    if cached is None or cached[0] is not source:
+        if len(_VALIDATION_VIEWS) >= 4:
+            _VALIDATION_VIEWS.clear()
+        cached = _VALIDATION_VIEWS[id(source)] = (source, validation_view(source))
+    return cached[1]
 
 
 @register_stream("permuted")

@@ -39,6 +39,11 @@ class StreamConfig:
     """noisy_clean: std of the Gaussian pixel noise added in the noisy task (pixels in [0, 1])"""
     task_order: list[int] | None = None
     """a permutation of 0..num_tasks-1: the order tasks are presented in (default: natural)"""
+    evaluate_on: str = "test"
+    """test (default): tasks are tested on the source's test pool | validation: the source's
+    training pool is split once (stratified, fixed seed, VALIDATION_FRACTION held out); tasks
+    train on the rest and are tested on the held-out part, never touching the test pool (what
+    ``lia sweep``'s heldout protocol tunes on)"""
 
 
 StreamBuilder = Callable[[StreamConfig, int], TaskStream]

@@ -25,7 +25,7 @@ import os
 import struct
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,10 @@ SPLIT_SEED = 20240229
 It never depends on the run seed, so every run sees the same split."""
 TEST_FRACTION = 0.2
 """Share of each class held out for testing when a source has no test split."""
+VALIDATION_SEED = 20261127
+"""Seed of the fixed validation split of a source's training pool (``stream.evaluate_on``)."""
+VALIDATION_FRACTION = 0.2
+"""Share of each class of the training pool held out for validation."""
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs its IDX files."""
 
@@ -144,6 +148,25 @@ def stratified_split(
     train = np.concatenate(train_parts)
     test = np.concatenate(test_parts)
     return train[rng.permutation(len(train))], test[rng.permutation(len(test))]
+
+
+def validation_view(source: SourceData) -> SourceData:
+    """``source`` with its training pool split in two (stratified, fixed seed): the new
+    training pool is one part, the new test pool the held-out ``VALIDATION_FRACTION``. The
+    source's own test pool is left out entirely. The same for every run and every seed."""
+    train, held_out = stratified_split(source.y_train.numpy(), VALIDATION_FRACTION, VALIDATION_SEED)
+    train_t, held_t = torch.from_numpy(train), torch.from_numpy(held_out)
+    rows = source.train_index
+    return replace(
+        source,
+        name=f"{source.name}[validation]",
+        x_train=source.x_train[train_t],
+        y_train=source.y_train[train_t],
+        x_test=source.x_train[held_t],
+        y_test=source.y_train[held_t],
+        train_index=None if rows is None else rows[train_t],
+        test_index=None if rows is None else rows[held_t],
+    )
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -95,11 +95,15 @@ def test_bad_sweep_input_is_refused_before_work(tmp_path, capsys):
         ({"objective": ["forgetting"]}, "pruning fits objective ACC only"),
         ({"objective": ["FWT"], "pruner": "none", "_class_il": True}, "FWT is undefined"),
         ({"n_trials": 10}, "more than the grid's 9 points"),
+        ({"protocol": "heldout", "_train": 1200}, "exceeds the 1151 samples available"),
     ]
     for changes, expected in cases:
         changes = dict(changes)
         class_il = changes.pop("_class_il", False)
+        train = changes.pop("_train", None)
         config = _sweep_config(tmp_path, "bad", **changes)
+        if train:  # the evaluation stream has 1,437 digits to train on, validation 1,151
+            config["stream"]["train_per_task"] = train
         if class_il:
             config["stream"] = {"name": "split", "source": "digits", "scenario": "class"}
         path = tmp_path / "bad.yaml"
@@ -168,10 +172,13 @@ def test_protocols_heldout_and_first_tasks_tune_on_what_they_say(tmp_path, capsy
     tuning = client.get_experiment_by_name("heldout-sweep")
     runs = client.search_runs([tuning.experiment_id], "tags.`lia.kind` = 'run'")
     assert {r.data.tags["seed"] for r in runs} == {"10000"}  # tuned on other seeds
+    # ... and on a validation split of the training pool, never on the test images
+    assert {r.data.params["stream.evaluate_on"] for r in runs} == {"validation"}
     evaluation = client.get_experiment_by_name("heldout")  # then a lia run experiment
     (best,) = client.search_runs([evaluation.experiment_id], "tags.`lia.kind` = 'run'")
     study = _study(tmp_path, "heldout-finetune")
     assert best.data.tags["seed"] == "0"
+    assert best.data.params["stream.evaluate_on"] == "test"
     assert float(best.data.params["train.lr"]) == study.best_params["train.lr"]
     assert "best values on the evaluation stream" in capsys.readouterr().out
 

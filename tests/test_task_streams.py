@@ -411,3 +411,41 @@ def test_error_messages_list_the_choices():
         validate_stream_config({"colour": True})
     with pytest.raises(ValueError, match="seed"):
         build_stream(small("permuted"), seed=-1)
+
+
+def test_validation_streams_never_read_the_test_pool():
+    """stream.evaluate_on=validation: train and test samples both come from the source's
+    training pool, disjoint, the same split for every seed; the default keys are unchanged."""
+    from orchestrator import identity
+    from task_streams.builders import build_stream, validate_stream_config
+    from task_streams.sources import load_source, validation_view
+
+    source = load_source("digits")
+    view = validation_view(source)
+    train_rows, val_rows = set(view.train_index.tolist()), set(view.test_index.tolist())
+    assert not train_rows & val_rows
+    assert train_rows | val_rows == set(source.train_index.tolist())  # no test-pool row
+    assert len(val_rows) == pytest.approx(0.2 * len(source.y_train), abs=10)
+    assert validation_view(source).test_index.tolist() == view.test_index.tolist()  # fixed
+
+    def images(x: torch.Tensor) -> set[bytes]:
+        as_bytes = x if x.dtype == torch.uint8 else (x * 255).round().to(torch.uint8)
+        return {row.numpy().tobytes() for row in as_bytes.reshape(len(x), -1)}
+
+    val_images, train_images = images(view.x_test), images(view.x_train)
+    config = {"name": "split", "source": "digits", "num_tasks": 2, "evaluate_on": "validation"}
+    for seed in (0, 1):
+        stream = build_stream(config, seed)
+        assert stream.metadata["source"] == "digits[validation]"
+        for task in stream.tasks:
+            assert images(task.x_test) <= val_images
+            assert images(task.x_train) <= train_images
+    # the default (test) hashes as before the setting existed; validation is another config
+    resolved = {"label": "a", "method": "finetune", "hparams": {}, "seed": 0, "train": {}}
+    key = identity.config_key({**resolved, "stream": {"name": "split"}})
+    default = {"name": "split", "evaluate_on": "test"}
+    validation = {"name": "split", "evaluate_on": "validation"}
+    assert identity.config_key({**resolved, "stream": default}) == key
+    assert identity.config_key({**resolved, "stream": validation}) != key
+    with pytest.raises(ValueError, match="stream.evaluate_on='train'"):
+        validate_stream_config({"evaluate_on": "train"})
