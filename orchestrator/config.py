@@ -314,20 +314,40 @@ def _merge(base: DictConfig, user: DictConfig, overrides: list[str]) -> Experime
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({first}); quote lists and "
-                "mappings for the shell, e.g. 'seeds=[0,1]'"
+                "mappings for the shell, with a space after each colon, e.g. 'seeds=[0,1]' or "
+                "'train.lr={type: log, low: 0.0001, high: 0.1}'"
             ) from None
         try:
             merged = OmegaConf.merge(merged, dotlist)
         except ConfigError:
             raise
         except _MERGE_ERRORS as err:
-            raise _omegaconf_error(err, key, raw) from None
+            # a list given where a mapping was (or the reverse) replaces it, where the schema
+            # allows either (a search range written as [low, high] over {type: ...}, say)
+            if not _replace_container(merged, key, OmegaConf.select(dotlist, key)):
+                raise _omegaconf_error(err, key, raw) from None
     try:
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except _MERGE_ERRORS as err:
         raise _omegaconf_error(err) from None
+
+
+def _replace_container(merged: DictConfig, key: str, value: Any) -> bool:
+    """Set ``key`` to ``value`` without merging, when both the old and the new value are
+    containers of different kinds; False when that is not the case or the schema refuses."""
+    old = OmegaConf.select(merged, key, default=None)
+    containers = (DictConfig, ListConfig)
+    if not (isinstance(old, containers) and isinstance(value, containers)):
+        return False
+    if isinstance(old, DictConfig) == isinstance(value, DictConfig):
+        return False
+    try:
+        OmegaConf.update(merged, key, OmegaConf.to_container(value), merge=False)
+    except _MERGE_ERRORS:
+        return False
+    return True
 
 
 def load_config(

@@ -396,3 +396,27 @@ def test_load_sweep_config_from_yaml_with_overrides(tmp_path):
     config["sweep"]["n_trails"] = 3
     with pytest.raises(ConfigError, match="unknown key sweep.n_trails; accepted keys in sweep"):
         load_sweep_config(write_config(tmp_path, config))
+
+
+def test_an_override_replaces_a_mapping_spec_with_a_list_and_back(tmp_path):
+    config = sweep_config(
+        tmp_path,
+        methods=["ewc"],
+        space={"ewc_lambda": {"type": "log", "low": 1.0, "high": 100.0}, "train.lr": [0.01, 0.1]},
+    )
+    path = write_config(tmp_path, config)
+    loaded = load_sweep_config(
+        path,
+        [
+            "sweep.space.ewc_lambda=[5,50]",
+            "sweep.space.train.lr={type: categorical, choices: [0.1]}",
+        ],
+    )
+    assert sweep_spaces(loaded)["ewc"] == {
+        "ewc_lambda": Dimension("ewc_lambda", "log", 5.0, 50.0),
+        "train.lr": Dimension("train.lr", "categorical", choices=(0.1,)),
+    }
+    with pytest.raises(ConfigError, match="seeds must be a list of integers"):
+        load_sweep_config(path, ["seeds={a: 1}"])  # where the schema says list, still refused
+    with pytest.raises(ConfigError, match="a space after each colon"):
+        load_sweep_config(path, ["sweep.space.ewc_lambda={type:categorical,choices:[1,10]}"])
