@@ -150,14 +150,16 @@ def best(result: StudyResult) -> tuple[float, str]:
 
 
 def main() -> None:
-    global TRIALS, TASKS, THROUGHPUT_TRIALS, PRUNER, PRUNE_FROM_TASK
+    global TRIALS, TASKS, THROUGHPUT_TRIALS, PRUNER, PRUNE_FROM_TASK, SAMPLER_SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 trials of 3 tasks")
     parser.add_argument("--pruner", default=PRUNER, help="the pruner to compare with none")
     parser.add_argument("--prune-from-task", type=int, default=PRUNE_FROM_TASK)
+    parser.add_argument("--sampler-seed", type=int, default=SAMPLER_SEED)
     parser.add_argument("--no-throughput", action="store_true", help="skip trials per hour")
     args = parser.parse_args()
     PRUNER, PRUNE_FROM_TASK = args.pruner, args.prune_from_task
+    SAMPLER_SEED = args.sampler_seed
     if args.quick:
         TRIALS, TASKS = QUICK["TRIALS"], QUICK["TASKS"]
         THROUGHPUT_TRIALS = QUICK["THROUGHPUT_TRIALS"]
@@ -182,7 +184,7 @@ def main() -> None:
     acc_unpruned, params_unpruned = best(unpruned)
     per_hour_one = THROUGHPUT_TRIALS / wall_one * 3600
     per_hour_two = THROUGHPUT_TRIALS / wall_two * 3600
-    print(f"pruner: {PRUNER} (from task {PRUNE_FROM_TASK})")
+    print(f"pruner: {PRUNER} (from task {PRUNE_FROM_TASK}), sampler seed {SAMPLER_SEED}")
     print(f"trials: {TRIALS}")
     print(f"tasks: {TASKS}")
     print(f"task_trainings_pruned: {count_pruned}")

@@ -588,5 +588,15 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def to_yaml(config: ExperimentConfig) -> str:
-    """The resolved config as YAML."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The resolved config as YAML, every URL's password replaced by ``***`` (it is logged)."""
+    from orchestrator.net import redact
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return redact(value) if isinstance(value, str) and "://" in value else value
+
+    container = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(container)))

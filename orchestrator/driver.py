@@ -83,8 +83,12 @@ def execute(
     progress: bool = True,
     console: Console | None = None,
     reuse: str = "same-code",
+    tags: dict[str, str] | None = None,
 ) -> ExperimentResult:
-    """Compute every run of ``config`` not already finished; log all of it to MLflow."""
+    """Compute every run of ``config`` not already finished; log all of it to MLflow.
+
+    ``tags`` go on the invocation's parent run (``lia sweep`` marks the runs of a tuned
+    configuration with the study and protocol that chose it)."""
     from orchestrator import preflight
 
     preflight.check_run(config)
@@ -145,6 +149,7 @@ def execute(
                 "runs.total": str(len(runs)),
                 "runs.skipped": str(len(skipped)),
                 "reuse": reuse,
+                **(tags or {}),
             },
         )
     except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from orchestrator.results import (
 from orchestrator.tracking import finished_child_runs, load_r_matrices, resolve_tracking_uri
 
 FORMATS = ("md", "csv", "latex")
+SECTIONS_GROUP = "lia.report_sections"
+"""entry points ``(client, experiment_id) -> markdown | None``: sections a package adds to
+an experiment's summary.md, before the tables (``lia sweep``'s studies, say)"""
 
 
 def _int(value: str | None, default: int) -> int:
@@ -168,6 +172,20 @@ def load_experiment(
     )
 
 
+def report_sections(experiment: str, tracking_uri: str | None = None) -> list[str]:
+    """The markdown sections installed packages add for ``experiment`` (SECTIONS_GROUP)."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    sections = []
+    for entry in sorted(entry_points(group=SECTIONS_GROUP), key=lambda e: e.name):
+        section = entry.load()(client, found.experiment_id)
+        if section:
+            sections.append(section)
+    return sections
+
+
 def write_report(
     experiment: str,
     out_dir: str | Path,
@@ -200,7 +218,10 @@ def write_report(
     }
     for fmt in formats:
         name, writer = writers[fmt]
-        (out / name).write_text(writer(summary))
+        text = writer(summary)
+        if fmt == "md":
+            text = "".join(f"{part}\n" for part in report_sections(experiment, tracking_uri)) + text
+        (out / name).write_text(text)
         written[fmt] = out / name
     runs_table(runs).to_csv(out / "runs.csv", index=False)
     written["runs"] = out / "runs.csv"

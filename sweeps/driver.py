@@ -33,9 +33,10 @@ from rich.markup import escape
 from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import preflight
-from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, load_config
+from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, load_config, to_yaml
 from orchestrator.driver import sigterm_interrupts, stop_ray
 from orchestrator.liveness import HEARTBEAT_S
+from orchestrator.net import redact
 from orchestrator.results import RunResult
 from orchestrator.session import RunObserver, RunSession, code_version
 from orchestrator.tracking import Tracker, resolve_tracking_uri
@@ -399,16 +400,16 @@ def _run_study(
     console.print(
         f"study {name} ({label}): {studies.decided(study)} of {s.n_trials} trials decided, "
         f"{left} to go · sampler {s.sampler} · pruner {s.pruner} · protocol {s.protocol} · "
-        f"storage {studies.storage_url(s.storage)}"
+        f"storage {redact(studies.storage_url(s.storage))}"
     )
     parent_id = tracker.start_parent(
         f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        OmegaConf.to_yaml(OmegaConf.structured(config)),
+        to_yaml(config),
         {
             "lia.study": name,
             "code_version": code_version(),
             **{f"sweep.{k}": str(v) for k, v in settings.items()},
-            "sweep.storage": studies.storage_url(s.storage),
+            "sweep.storage": redact(studies.storage_url(s.storage)),
         },
     )
     observer = _StudyObserver(config, label, study, space, console)
@@ -549,7 +550,8 @@ def best_config(config: SweepExperimentConfig, result: StudyResult) -> dict[str,
 def export_best(config: SweepExperimentConfig, result: StudyResult) -> str:
     """:func:`best_config` as YAML ``lia run`` accepts, headed by where the values came from."""
     header = (
-        f"# {result.label}: tuned by Optuna study {result.study_name!r} ({result.storage}), "
+        f"# {result.label}: tuned by Optuna study {result.study_name!r} "
+        f"({redact(result.storage)}), "
         f"protocol {config.sweep.protocol}, {', '.join(config.sweep.objective)} = "
         + ", ".join(f"{v:.6g}" for v in result.best_values or [])
     )
@@ -569,4 +571,11 @@ def _evaluate_heldout(
     for result in results:
         if result.best_params is not None:
             best = load_config(best_config(config, result))
-            result.evaluation = execute(best, progress=progress, console=console).summary
+            tags = {
+                "lia.tuned_by": result.study_name,
+                "sweep.protocol": "heldout",
+                "sweep.storage": redact(result.storage),
+                "tuned.label": result.label,
+                **{f"tuned.{k}": str(v) for k, v in (result.best_params or {}).items()},
+            }
+            result.evaluation = execute(best, progress=progress, console=console, tags=tags).summary

@@ -372,3 +372,13 @@ def test_lia_clean_removes_checkpoints_and_with_results_the_local_store(tmp_path
     assert main(["clean", str(path), "--results"]) == 0
     assert not (tmp_path / "mlflow.db").exists()
     assert main(["clean", str(path), "--results"]) == 0  # nothing left: still fine
+
+
+def test_the_logged_config_holds_no_password():
+    from orchestrator.config import to_yaml
+
+    uri = "postgresql://lia:s3cret@127.0.0.1:5432/mlflow"
+    config = load_config({"methods": {"finetune": {}}, "tracking": {"uri": uri}})
+    text = to_yaml(config)
+    assert "s3cret" not in text and "postgresql://lia:***@127.0.0.1:5432/mlflow" in text
+    assert config.tracking.uri.endswith("lia:s3cret@127.0.0.1:5432/mlflow")  # used as given

@@ -83,6 +83,26 @@ def test_a_sweep_records_complete_pruned_and_failed_trials_honestly(tmp_path, ca
     exported = yaml.safe_load(export.read_text())
     assert exported["train"]["lr"] == study.best_params["train.lr"] and "sweep" not in exported
     assert main(["run", str(export), "--no-progress"]) == 0
+    # lia report on the sweep's experiment: the study, its protocol and trial states first
+    capsys.readouterr()
+    out_dir = tmp_path / "report"
+    assert (
+        main(
+            ["report", "states-sweep", "--tracking-uri", config["tracking"]["uri"]]
+            + ["--out", str(out_dir)]
+        )
+        == 0
+    )
+    summary = (out_dir / "summary.md").read_text()
+    assert "### Study `states-finetune` (finetune)" in summary
+    assert "**protocol: full**" in summary
+    counts = {
+        s: sum(t.state == getattr(states, s.upper()) for t in study.trials)
+        for s in ("complete", "pruned")
+    }
+    assert f"{counts['complete']} complete, {counts['pruned']} pruned, 1 failed" in summary
+    assert f"train.lr={study.best_params['train.lr']}" in summary
+    assert summary.index("## Studies") < summary.index("Mean ± standard deviation")
 
 
 def test_bad_sweep_input_is_refused_before_work(tmp_path, capsys):
@@ -181,6 +201,11 @@ def test_protocols_heldout_and_first_tasks_tune_on_what_they_say(tmp_path, capsy
     assert best.data.params["stream.evaluate_on"] == "test"
     assert float(best.data.params["train.lr"]) == study.best_params["train.lr"]
     assert "best values on the evaluation stream" in capsys.readouterr().out
+    out_dir = tmp_path / "report"
+    uri = ["--tracking-uri", config["tracking"]["uri"], "--out", str(out_dir)]
+    assert main(["report", "heldout", *uri]) == 0  # the evaluation says how it was tuned
+    summary = (out_dir / "summary.md").read_text()
+    assert "study `heldout-finetune`" in summary and "**protocol: heldout**" in summary
 
     config = _sweep_config(
         tmp_path, "first", n_trials=2, pruner="none", protocol="first_tasks", space=space
@@ -191,3 +216,35 @@ def test_protocols_heldout_and_first_tasks_tune_on_what_they_say(tmp_path, capsy
     assert main(["sweep", str(path), "--no-progress"]) == 0
     for trial in _study(tmp_path, "first-finetune").trials:
         assert sorted(trial.intermediate_values) == [0, 1]  # 2 of the stream's 3 tasks
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_two_objectives_report_their_pareto_front(tmp_path):
+    config = tiny_config(tmp_path, name="pareto", methods={"replay": {}}, seeds=[0])
+    config["stream"]["num_tasks"] = 2
+    config["resources"] = {"max_concurrent_runs": 1}
+    config["sweep"] = {
+        "n_trials": 2,
+        "space": {"buffer_size": {"type": "categorical", "choices": [20, 80]}},
+        "objective": ["ACC", "stored_bytes"],
+        "sampler": "grid",
+        "pruner": "none",
+        "storage": f"sqlite:///{tmp_path}/optuna.db",
+    }
+    path = tmp_path / "pareto.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    study = _study(tmp_path, "pareto-replay")
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    by_size = {t.params["buffer_size"]: t.values for t in study.trials}
+    assert by_size[20][1] < by_size[80][1]  # stored bytes grow with the buffer
+    out_dir = tmp_path / "report"
+    uri = ["--tracking-uri", config["tracking"]["uri"], "--out", str(out_dir)]
+    assert main(["report", "pareto-sweep", *uri]) == 0
+    summary = (out_dir / "summary.md").read_text()
+    front = summary.split("Pareto front:")[1].split("Best complete trials")[0]
+    assert {t.number for t in study.best_trials} == {
+        int(line.split("|")[1])
+        for line in front.splitlines()
+        if line.startswith("|") and line.split("|")[1].strip().isdigit()
+    }
