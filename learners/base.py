@@ -9,6 +9,18 @@ A method subclasses :class:`Learner` and overrides only the steps it changes:
 - ``after_step(x, y, t)``    bookkeeping on the incoming batch (replay: reservoir insert)
 - ``before_task`` / ``after_task``  per-task work (EWC: Fisher estimate)
 - ``method_state`` / ``load_method_state``  everything extra needed to resume
+- ``predict(x, task_id)``   what the method answers (iCaRL: nearest mean of exemplars)
+
+Class attributes: ``HParams`` (the hyperparameter dataclass, ``hp()`` fields) and
+``SCENARIOS`` (the scenarios the method supports; others are refused before any work, with
+``SCENARIO_NOTE`` saying why). A hook that trains something besides the model for a while (a
+generator, an exemplar pass) calls :meth:`Learner.check_stop` now and then, so a stop request
+reaches it as it reaches the loop.
+
+Weight decay: SGD and Adam add ``weight_decay · θ`` to the gradient inside ``step()``, i.e.
+after ``after_backward``. A method whose gradient surgery must see the whole update (GEM,
+A-GEM) folds the decay into the gradient itself, before its projection, and builds its
+optimizer without it (see ``learners/gem.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from learners.hparams import ConfigError, as_dict, build_dataclass, hp
 from task_streams.base import StreamInfo, Task
 
 OPTIMIZERS = ("sgd", "adam")
+SCENARIOS = ("task", "domain", "class")
 STATE_FORMAT = 1
 
 
@@ -123,6 +136,20 @@ class Learner:
 
     name: ClassVar[str] = "learner"
     HParams: ClassVar[type] = NoHParams
+    SCENARIOS: ClassVar[tuple[str, ...]] = SCENARIOS
+    """the scenarios this method supports (task, domain, class)"""
+    SCENARIO_NOTE: ClassVar[str] = ""
+    """why the others are not supported (printed when one is refused)"""
+
+    @classmethod
+    def check_scenario(cls, scenario: str, where: str = "") -> None:
+        """ConfigError when ``scenario`` is not one of :attr:`SCENARIOS`."""
+        if scenario not in cls.SCENARIOS:
+            note = f" ({cls.SCENARIO_NOTE})" if cls.SCENARIO_NOTE else ""
+            raise ConfigError(
+                f"{where or 'method ' + cls.name}: {cls.name} does not support the "
+                f"{scenario}-incremental scenario{note}; supported: {', '.join(cls.SCENARIOS)}"
+            )
 
     def __init__(
         self,
@@ -135,6 +162,7 @@ class Learner:
     ):
         if hparams is None or isinstance(hparams, dict):
             hparams = build_dataclass(self.HParams, hparams, prefix=f"methods.{self.name}.")
+        self.check_scenario(info.scenario)
         self.info = info
         self.hparams = hparams
         self.model_config = model or ModelConfig()
@@ -149,6 +177,7 @@ class Learner:
         self.class_mask = info.class_mask().to(self.device) if info.scenario == "task" else None
         self.optimizer = self.make_optimizer()
         self.tasks_learned = 0
+        self._should_stop: Callable[[], bool] | None = None
 
     # ----------------------------------------------------------------- building blocks
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -167,6 +196,12 @@ class Learner:
         if self.class_mask is not None and task_ids is not None:
             out = out.masked_fill(~self.class_mask[task_ids], float("-inf"))
         return out
+
+    def check_stop(self, where: str = "") -> None:
+        """Raise TrainingStopped if the run was asked to stop (between batches of the loop,
+        and wherever a hook that trains something else calls it)."""
+        if self._should_stop is not None and self._should_stop():
+            raise TrainingStopped(f"stopped{' ' + where if where else ''}")
 
     # ----------------------------------------------------------------- overridable steps
     def before_task(self, task: Task) -> None:
@@ -212,6 +247,14 @@ class Learner:
         if cfg.reset_optimizer and self.tasks_learned > 0:
             self.optimizer = self.make_optimizer()
         self.model.train()
+        self._should_stop = should_stop
+        try:
+            return self._learn(task)
+        finally:
+            self._should_stop = None
+
+    def _learn(self, task: Task) -> dict[str, Any]:
+        cfg = self.train_config
         self.before_task(task)
         x_all, y_all, t_all = self.training_data(task)
         n = int(y_all.shape[0])
@@ -220,8 +263,7 @@ class Learner:
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator).to(x_all.device)
             for start in range(0, n, cfg.batch_size):
-                if should_stop is not None and should_stop():
-                    raise TrainingStopped(f"stopped during task {task.name!r} after {steps} steps")
+                self.check_stop(f"during task {task.name!r} after {steps} steps")
                 idx = order[start : start + cfg.batch_size]
                 x, y, t = x_all[idx], y_all[idx], t_all[idx]
                 xb, yb, tb = self.augment_batch(x, y, t)

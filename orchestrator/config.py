@@ -446,11 +446,15 @@ def validate(config: ExperimentConfig) -> None:
             validate_stream_config(dataclasses.replace(stream, task_order=list(order)))
         # Building it once here catches missing or malformed data files and sample counts the
         # data cannot supply, before any actor starts (milliseconds for the bundled sources).
-        build_stream(stream, seed=int(config.seeds[0]))
+        scenario = build_stream(stream, seed=int(config.seeds[0])).scenario
     except (ValueError, TypeError, OSError) as err:
         raise ConfigError(
             str(err) if str(err).startswith("stream.") else f"stream: {err}"
         ) from None
+    for spec in method_specs(config):  # a method that cannot learn this stream, said why
+        learner_class(spec.method).check_scenario(
+            scenario, f"methods.{spec.label} on stream {stream.name} ({stream.source})"
+        )
     # every section: declared ranges (hp() fields), and every float finite (no nan / inf)
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)

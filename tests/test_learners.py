@@ -12,13 +12,24 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 import learners.ewc as ewc_module
-from learners import LEARNERS, ConfigError, Learner, ModelConfig, TrainConfig, build_learner
+from learners import (
+    LEARNERS,
+    ConfigError,
+    Learner,
+    ModelConfig,
+    TrainConfig,
+    TrainingStopped,
+    build_learner,
+)
 from learners.replay import ReservoirBuffer
 from task_streams.base import Task, TaskStream
 
 SHAPE = (1, 4, 5)  # 20 features, (C, H, W) as the Task contract says
 FEATURES = 20
 METHODS = ("finetune", "joint", "ewc", "replay")
+REGISTERED = sorted(LEARNERS)
+"""every registered method: the generic tests below iterate the registry, so a new method
+gets them without being listed"""
 
 
 # ---------------------------------------------------------------------- synthetic streams
@@ -140,7 +151,7 @@ def test_bad_hparams_name_the_key_and_what_is_accepted(name, hparams, key, accep
     assert key in str(err.value) and accepted in str(err.value)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_every_hparam_is_documented_and_its_default_accepted(name):
     cls = LEARNERS[name]
     for field in dataclasses.fields(cls.HParams):
@@ -446,19 +457,29 @@ def test_replay_retains_more_of_task_0_than_finetune_in_class_incremental():
 
 
 # ---------------------------------------------------------------------- state and seeds
+# Small settings so that every method's generic tests run in a second or two; a method not
+# listed runs with its defaults.
 METHOD_HPARAMS = {
-    "finetune": {},
-    "joint": {},
     "ewc": {"fisher_type": "true", "fisher_samples": 40},
     "replay": {"buffer_size": 25},
 }
 
 
-@pytest.mark.parametrize("name", METHODS)
+def _scenario(name: str, preferred: str) -> str:
+    """``preferred`` if the method supports it, else the first scenario it supports."""
+    supported = LEARNERS[name].SCENARIOS
+    return preferred if preferred in supported else supported[0]
+
+
+def _predictions(learner: Learner, stream: TaskStream) -> list[torch.Tensor]:
+    return [learner.predict(task.x_test, task.id) for task in stream]
+
+
+@pytest.mark.parametrize("name", REGISTERED)
 def test_resume_from_a_saved_state_is_exact(name):
-    stream = split_stream("task", n=60)
+    stream = split_stream(_scenario(name, "task"), n=60)
     kwargs = {"hidden": (16,), "dropout": 0.2, "momentum": 0.9, "batch_size": 8}
-    learner = make(name, stream, METHOD_HPARAMS[name], **kwargs)
+    learner = make(name, stream, METHOD_HPARAMS.get(name), **kwargs)
     learner.learn(stream[0])
     saved = io.BytesIO()
     torch.save(learner.state_dict(), saved)
@@ -466,20 +487,24 @@ def test_resume_from_a_saved_state_is_exact(name):
     expected = params(learner)
 
     saved.seek(0)
-    resumed = make(name, stream, METHOD_HPARAMS[name], seed=99, **kwargs)
+    resumed = make(name, stream, METHOD_HPARAMS.get(name), seed=99, **kwargs)
     resumed.load_state_dict(torch.load(saved, weights_only=True))
     assert resumed.tasks_learned == 1
     resumed.learn(stream[1])
     assert identical(params(resumed), expected)
     assert resumed.stored_memory() == learner.stored_memory()
+    for ours, theirs in zip(
+        _predictions(resumed, stream), _predictions(learner, stream), strict=True
+    ):
+        assert torch.equal(ours, theirs)  # what it answers, too (iCaRL: class means)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_same_seed_same_parameters_different_seed_different(name):
-    stream = split_stream("class", n=60)
+    stream = split_stream(_scenario(name, "class"), n=60)
 
     def run(seed: int) -> dict[str, torch.Tensor]:
-        learner = make(name, stream, METHOD_HPARAMS[name], seed=seed, hidden=(16,), dropout=0.2)
+        learner = make(name, stream, METHOD_HPARAMS.get(name), seed=seed, hidden=(16,), dropout=0.2)
         for task in stream:
             learner.learn(task)
         return params(learner)
@@ -487,3 +512,65 @@ def test_same_seed_same_parameters_different_seed_different(name):
     first = run(1)
     assert identical(first, run(1))
     assert not identical(first, run(2))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_a_stop_request_reaches_the_method(name):
+    """learn() raises TrainingStopped when asked to stop, wherever the method is training."""
+    stream = split_stream(_scenario(name, "class"), n=60)
+    learner = make(name, stream, METHOD_HPARAMS.get(name), hidden=(16,))
+    learner.learn(stream[0])
+    calls = []
+
+    def stop_after_a_few() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(TrainingStopped):
+        learner.learn(stream[1], should_stop=stop_after_a_few)
+    assert learner.tasks_learned == 1
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_unsupported_scenarios_are_refused_before_work(name, tmp_path):
+    from orchestrator.config import load_config
+
+    cls = LEARNERS[name]
+    streams = {
+        "class": {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class"},
+        "task": {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "task"},
+        "domain": {"name": "permuted", "source": "digits", "num_tasks": 2},
+    }
+    for scenario, stream in streams.items():
+        config = {"methods": {name: METHOD_HPARAMS.get(name, {})}, "stream": stream}
+        if scenario in cls.SCENARIOS:
+            load_config(config)
+            continue
+        with pytest.raises(ConfigError, match=f"does not support the {scenario}-incremental"):
+            load_config(config)
+        with pytest.raises(ConfigError, match=scenario):
+            make(name, split_stream(scenario) if scenario != "domain" else conflict_stream())
+
+
+def test_a_method_limited_to_some_scenarios_is_refused_elsewhere_saying_why():
+    from learners.finetune import FineTune
+    from orchestrator.config import load_config
+
+    class TaskOnly(FineTune):
+        SCENARIOS = ("task",)
+        SCENARIO_NOTE = "it needs the task identity at test time"
+
+    LEARNERS["task_only_probe"] = TaskOnly
+    TaskOnly.name = "task_only_probe"
+    try:
+        stream = {"name": "permuted", "source": "digits", "num_tasks": 2}
+        with pytest.raises(ConfigError) as err:
+            load_config({"methods": {"mine": {"method": "task_only_probe"}}, "stream": stream})
+        message = str(err.value)
+        assert "methods.mine" in message and "domain-incremental" in message
+        assert "needs the task identity" in message and "supported: task" in message
+        with pytest.raises(ConfigError, match="class-incremental"):
+            make("task_only_probe", split_stream("class"))
+        make("task_only_probe", split_stream("task"))
+    finally:
+        del LEARNERS["task_only_probe"]
