@@ -396,6 +396,9 @@ def _ci95(values: np.ndarray) -> float:
 
 
 SUMMARY_EXTRA = (
+    "ACC_best",
+    "ACC_p_vs_best",
+    "ACC_pairs",
     "failed",
     "failed_runs",
     "errors",
@@ -425,6 +428,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     ``config_key``. A configuration whose every run failed has a row with ``n`` = 0.
     """
     rows = []
+    finished: list[pd.DataFrame] = []
     for name, every in _by_config(runs):
         status = every["status"] if "status" in every else pd.Series("FINISHED", every.index)
         group = every[status.isin(DONE)]
@@ -446,7 +450,69 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row["at_chance"] = sum(not _missing(v) and str(v).lower() == "true" for v in flagged)
         row["config_key"] = key
         rows.append(row)
+        finished.append(group)
+    _compare_with_best(rows, finished)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+SIGNIFICANCE = 0.05
+"""a configuration whose paired p-value against the best is at least this is marked as not
+significantly different from the best"""
+
+
+def paired_p_value(ours: np.ndarray, best: np.ndarray) -> float:
+    """Two-sided p-value of a paired sign-flip permutation test of mean(ours − best) = 0.
+
+    Exact (all 2^n sign patterns) up to n = 13 pairs; with n pairs the smallest attainable
+    p-value is 2 / 2^n, so fewer than 6 pairs can never reach 0.05.
+    """
+    differences = np.asarray(ours, float) - np.asarray(best, float)
+    if len(differences) == 0:
+        return float("nan")
+    if len(differences) < 2 or not np.any(differences):
+        return 1.0  # one pair: both sign patterns are as extreme as the one seen
+    result = stats.permutation_test(
+        (np.asarray(ours, float), np.asarray(best, float)),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=9999,
+        alternative="two-sided",
+        random_state=0,
+    )
+    return float(result.pvalue)
+
+
+def _compare_with_best(rows: list[dict[str, Any]], groups: list[pd.DataFrame]) -> None:
+    """``ACC_p_vs_best`` and ``ACC_pairs`` of every row: the paired test of its final ACC
+    against the configuration with the best mean ACC, runs paired by (seed, task order)."""
+    for row in rows:
+        row["ACC_best"], row["ACC_p_vs_best"], row["ACC_pairs"] = False, float("nan"), 0
+    scored = [i for i, r in enumerate(rows) if not math.isnan(r["ACC_mean"])]
+    if len(scored) < 2:
+        return
+    best = max(scored, key=lambda i: rows[i]["ACC_mean"])
+    rows[best]["ACC_best"] = True
+
+    def by_instance(group: pd.DataFrame) -> dict[tuple[Any, Any], float]:
+        order = group["order"] if "order" in group else pd.Series(0, index=group.index)
+        return {
+            (seed, o): float(acc)
+            for seed, o, acc in zip(group["seed"], order, group["ACC"], strict=True)
+            if not _missing(acc)
+        }
+
+    reference = by_instance(groups[best])
+    for i in scored:
+        ours = by_instance(groups[i])
+        shared = sorted(set(ours) & set(reference), key=str)
+        rows[i]["ACC_pairs"] = len(shared)
+        if i == best:
+            rows[i]["ACC_p_vs_best"] = 1.0
+        elif shared:
+            rows[i]["ACC_p_vs_best"] = paired_p_value(
+                np.array([ours[k] for k in shared]), np.array([reference[k] for k in shared])
+            )
 
 
 def _cell(mean: float, std: float, pct: bool = True) -> str:
@@ -472,20 +538,49 @@ def table_rows(summary: pd.DataFrame, spread: str = "std") -> tuple[list[str], l
     """
     failed, chance = _count(summary, "failed"), _count(summary, "at_chance")
     any_failed, any_chance = bool(failed.sum()), bool(chance.sum())
+    compared = "ACC_p_vs_best" in summary and int(summary["ACC_p_vs_best"].notna().sum()) > 1
     header = [
         "method",
         "n",
         *(["failed"] if any_failed else []),
         *(["at chance"] if any_chance else []),
         *[f"{m} (%)" for m in METRICS],
+        *(["ACC vs best"] if compared else []),
     ]
     rows = []
     for i, (_, s) in enumerate(summary.iterrows()):
         extra = [str(failed.iloc[i])] if any_failed else []
         extra += [str(chance.iloc[i])] if any_chance else []
         cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"]) for m in METRICS]
+        if compared:
+            cells.append(_versus_best(s))
         rows.append([str(s["label"]), str(int(s["n"])), *extra, *cells])
     return header, rows
+
+
+def _versus_best(row: pd.Series) -> str:
+    p, pairs = row["ACC_p_vs_best"], int(row["ACC_pairs"] or 0)
+    if bool(row["ACC_best"]):
+        return "best"
+    if _missing(p):
+        return "n/a"
+    verdict = "not sig." if p >= SIGNIFICANCE else "worse"
+    return f"{verdict} (p={p:.3g}, {pairs} pairs)"
+
+
+def significance_note(summary: pd.DataFrame) -> str | None:
+    """What the "ACC vs best" column means, for the rows of ``summary``; None without it."""
+    if "ACC_p_vs_best" not in summary or int(summary["ACC_p_vs_best"].notna().sum()) < 2:
+        return None
+    best = summary.loc[summary["ACC_best"].astype(bool), "label"].iloc[0]
+    pairs = int(summary["ACC_pairs"].max())
+    return (
+        f"ACC vs best: each configuration's final ACC against the best mean ACC ({best}), a "
+        "paired two-sided sign-flip permutation test over the runs the two share (same seed "
+        f"and task order); 'not sig.' = p >= {SIGNIFICANCE}: do not read the gap as real. "
+        f"With {pairs} pairs the smallest p attainable is {2 / 2**pairs:.3g}"
+        + (" — too few seeds to tell any two apart." if 2 / 2**pairs >= SIGNIFICANCE else ".")
+    )
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -520,6 +615,9 @@ def to_markdown(summary: pd.DataFrame) -> str:
     lines += _markdown_table(*table_rows(summary, "std"))
     lines += ["", "Mean ± half-width of the 95% confidence interval (Student t, n − 1 dof):", ""]
     lines += _markdown_table(*table_rows(summary, "ci95"))
+    note = significance_note(summary)
+    if note:
+        lines += ["", note]
     failures = failure_lines(summary)
     if failures:
         lines += ["", "Failed runs:", ""]

@@ -520,3 +520,40 @@ def test_at_chance_agrees_with_a_simulated_chance_classifier():
         at_chance(list(rng.binomial(500, 0.1, size=5) / 500), chance, counts) for _ in range(2000)
     ]
     assert np.mean(flagged) > 0.99  # a chance-level classifier is flagged (all but ~0.13%)
+
+
+# ---------------------------------------------------------------------- significance
+def test_paired_permutation_p_values_are_exact():
+    from orchestrator.results import paired_p_value
+
+    best = np.array([0.80, 0.82, 0.81, 0.79, 0.83, 0.80])
+    assert paired_p_value(best, best) == 1.0
+    assert paired_p_value(best[:1] - 0.1, best[:1]) == 1.0  # one pair tells nothing
+    # every one of n pairs worse: only the all-minus and all-plus patterns are as extreme
+    assert paired_p_value(best[:3] - 0.05, best[:3]) == pytest.approx(2 / 2**3)
+    assert paired_p_value(best - 0.05, best) == pytest.approx(2 / 2**6)
+    # mixed signs: not distinguishable from no difference
+    mixed = best + np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
+    assert paired_p_value(mixed, best) > 0.5
+
+
+def test_the_report_marks_what_is_not_significantly_different_from_the_best():
+    def frame(seeds: int, gap: float) -> pd.DataFrame:
+        noise = [0.0, 0.01, -0.01, 0.02, -0.02, 0.005]
+        return runs_frame(
+            [run("replay", s, 0.9 + noise[s]) for s in range(seeds)]
+            + [run("ewc", s, 0.9 + noise[s] - gap) for s in range(seeds)]
+        )
+
+    few = summarize(frame(3, 0.05))
+    assert list(few["ACC_best"]) == [True, False]
+    assert few["ACC_p_vs_best"].iloc[1] == pytest.approx(0.25)
+    text = to_markdown(few)
+    assert "| best |" in text and "not sig. (p=0.25, 3 pairs)" in text
+    assert "too few seeds to tell any two apart" in text
+    many = summarize(frame(6, 0.05))
+    assert many["ACC_p_vs_best"].iloc[1] == pytest.approx(2 / 64)
+    assert "worse (p=0.0312, 6 pairs)" in to_markdown(many)
+    # runs pair by seed: a configuration run on other seeds has nothing to compare
+    other = runs_frame([run("replay", 0, 0.9), run("replay", 1, 0.91), run("ewc", 5, 0.5)])
+    assert summarize(other)["ACC_pairs"].tolist() == [2, 0]
