@@ -20,8 +20,16 @@ stops the run with TrainingDiverged instead of reporting chance accuracy.
 ``fisher_type="empirical"`` uses the true labels y; ``"true"`` samples y from the model's own
 predictive distribution (the Fisher proper), with the learner's generator.
 
-Per-sample gradients are computed in chunks with torch.func (vmap of grad of a functional
-call), not with a Python loop over samples.
+Cost. The Fisher needs squared PER-SAMPLE gradients. When every trainable parameter belongs
+to an ``nn.Linear`` (the MLP backbone), they come in closed form from one ordinary backward
+pass of the summed loss: sample i's gradient of a linear layer's weight is the outer product
+g_i a_iᵀ of the gradient at the layer's output and the layer's input, so
+Σ_i (g_i a_iᵀ)² = (g²)ᵀ (a²), one matmul per layer (bias: Σ_i g_i²). Other backbones (the
+CNN) use torch.func (vmap of grad of a functional call), chunked; both give the same numbers.
+The penalty's gradient, λ·(F̄ ⊙ δ + G), is added to the parameters' gradients in closed form
+in ``after_backward`` with fused per-tensor operations, not through autograd, so ``loss()``
+is the cross-entropy alone and a step costs little more than fine-tuning's; ``penalty()``
+gives the penalty's value.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from learners.base import Learner, register
@@ -40,6 +49,7 @@ from task_streams.base import Task
 FISHER_TYPES = ("empirical", "true")
 FISHER_CHUNK = 256  # samples per vmap call at most
 FISHER_CHUNK_BYTES = 2**28  # and at most this much memory for the chunk's per-sample gradients
+LINEAR_FISHER_CHUNK = 2048  # samples per forward/backward in the closed-form (all-linear) case
 
 
 @dataclass
@@ -78,6 +88,9 @@ class EWC(Learner):
         self._fisher_sum: torch.Tensor | None = None
         self._linear: torch.Tensor | None = None
         self._constant: torch.Tensor | None = None
+        self._params: list[torch.nn.Parameter] = []
+        self._fisher_parts: list[torch.Tensor] = []
+        self._offset_parts: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ parameters
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -96,6 +109,7 @@ class EWC(Learner):
         """
         if not self.fishers:
             self._anchor = self._fisher_sum = self._linear = self._constant = None
+            self._params, self._fisher_parts, self._offset_parts = [], [], []
             return
         fishers = torch.stack([self._flat(f) for f in self.fishers])
         offsets = self._flat(self.anchors[-1]).unsqueeze(0) - torch.stack(
@@ -105,10 +119,86 @@ class EWC(Learner):
         self._fisher_sum = fishers.sum(0)
         self._linear = 2 * (fishers * offsets).sum(0)
         self._constant = (fishers * offsets.pow(2)).sum()
+        shapes = [p.shape for _, p in self._named_trainable()]
+        sizes = [shape.numel() for shape in shapes]
+
+        def parts(flat: torch.Tensor) -> list[torch.Tensor]:
+            return [v.view(shape) for v, shape in zip(flat.split(sizes), shapes, strict=True)]
+
+        # the penalty's gradient λ·(F̄ ⊙ (θ − θ*_L) + G/2) = λ·(F̄ ⊙ θ + C), with
+        # C = G/2 − F̄ ⊙ θ*_L: two fused in-place operations per step (after_backward)
+        self._params = [p for _, p in self._named_trainable()]
+        self._fisher_parts = parts(self._fisher_sum)
+        self._offset_parts = parts(self._linear / 2 - self._fisher_sum * self._anchor)
 
     # ------------------------------------------------------------------ Fisher
     def fisher(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Diagonal Fisher: mean over samples of the squared per-sample NLL gradient."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            linear = self._linear_layers()
+            if linear is not None:
+                return self._linear_fisher(linear, x, y, t)
+            return self._vmap_fisher(x, y, t)
+        finally:
+            self.model.train(was_training)
+
+    def _linear_layers(self) -> dict[str, nn.Linear] | None:
+        """Module name -> layer when every trainable parameter is a Linear's; else None."""
+        layers = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        owned = {
+            f"{n}.{k}" if n else k
+            for n, m in layers.items()
+            for k, p in m.named_parameters(recurse=False)
+            if p.requires_grad
+        }
+        return layers if owned == {n for n, _ in self._named_trainable()} else None
+
+    def _linear_fisher(
+        self, layers: dict[str, nn.Linear], x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The Fisher of an all-linear network in closed form: Σ_i g_i² a_i²ᵀ = (g²)ᵀ(a²)."""
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                inputs[name], outputs[name] = args[0], out
+
+            return hook
+
+        handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+        total = {n: torch.zeros_like(p) for n, p in self._named_trainable()}
+        n_samples = int(y.shape[0])
+        try:
+            for start in range(0, n_samples, LINEAR_FISHER_CHUNK):
+                xc, yc, tc = (v[start : start + LINEAR_FISHER_CHUNK] for v in (x, y, t))
+                if self.hparams.fisher_type == "true":
+                    yc = self._sample_labels(xc, tc)
+                with torch.enable_grad():
+                    out = self.logits(xc, tc)
+                    loss = F.cross_entropy(out, yc, reduction="sum")  # sample i's loss is term i
+                    names = list(layers)
+                    grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+                for name, g in zip(names, grads, strict=True):
+                    a, g2 = inputs[name].detach(), g.detach().pow(2)
+                    if a.dim() != 2:
+                        raise RuntimeError(f"layer {name} saw {a.dim()}-D inputs")
+                    prefix = f"{name}." if name else ""
+                    if f"{prefix}weight" in total:
+                        total[f"{prefix}weight"] += g2.T @ a.pow(2)
+                    if f"{prefix}bias" in total:
+                        total[f"{prefix}bias"] += g2.sum(0)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {n: v / max(n_samples, 1) for n, v in total.items()}
+
+    def _vmap_fisher(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The Fisher of any network: per-sample gradients with torch.func, chunked."""
         named = self._named_trainable()
         params = {n: p.detach() for n, p in named}
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
@@ -129,19 +219,14 @@ class EWC(Learner):
         n_samples = int(y.shape[0])
         per_sample_bytes = sum(p.numel() * p.element_size() for p in params.values())
         chunk = max(1, min(FISHER_CHUNK, FISHER_CHUNK_BYTES // max(per_sample_bytes, 1)))
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, n_samples, chunk):
-                xc, yc, tc = (v[start : start + chunk] for v in (x, y, t))
-                if self.hparams.fisher_type == "true":
-                    yc = self._sample_labels(xc, tc)
-                mc = self.class_mask[tc] if masked else None
-                grads = per_sample(params, xc, yc, mc)
-                for n in total:
-                    total[n] += grads[n].pow(2).sum(0)
-        finally:
-            model.train(was_training)
+        for start in range(0, n_samples, chunk):
+            xc, yc, tc = (v[start : start + chunk] for v in (x, y, t))
+            if self.hparams.fisher_type == "true":
+                yc = self._sample_labels(xc, tc)
+            mc = self.class_mask[tc] if masked else None
+            grads = per_sample(params, xc, yc, mc)
+            for n in total:
+                total[n] += grads[n].pow(2).sum(0)
         return {n: v / max(n_samples, 1) for n, v in total.items()}
 
     @torch.no_grad()
@@ -171,12 +256,20 @@ class EWC(Learner):
         quadratic = ((self._fisher_sum * delta + self._linear) * delta).sum() + self._constant
         return 0.5 * self.hparams.ewc_lambda * quadratic
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy plus the EWC penalty."""
-        ce = super().loss(x, y, t)
-        if self._anchor is None or self.hparams.ewc_lambda == 0:
-            return ce
-        return ce + self.penalty()
+    def after_backward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        """Add the penalty's gradient, λ·(F̄ ⊙ δ + G/2) with δ = θ − θ*_L (the derivative of
+        :meth:`penalty`), to each parameter's gradient."""
+        strength = self.hparams.ewc_lambda
+        if self._anchor is None or strength == 0:
+            return
+        grads = []
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        with torch.no_grad():
+            torch._foreach_addcmul_(grads, self._params, self._fisher_parts, value=strength)
+            torch._foreach_add_(grads, self._offset_parts, alpha=strength)
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

@@ -197,20 +197,36 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it():
         assert b / a == pytest.approx(4.0, rel=1e-3)
 
 
-def test_ewc_penalty_is_linear_in_lambda_and_added_to_the_loss():
-    learner, stream = _ewc_after_one_task()
+def test_ewc_penalty_is_linear_in_lambda_and_its_gradient_added_in_closed_form():
+    stream = split_stream("domain", n=100, tasks=3)
+    learner = make("ewc", stream, {"ewc_lambda": 10.0})
+    learner.learn(stream[0])
+    learner.learn(stream[1])  # two anchors: the linear term of the re-expansion matters
     with torch.no_grad():
         for p in learner.model.parameters():
             p.add_(0.05)
     base = learner.penalty().item()
     learner.hparams.ewc_lambda = 30.0
     assert learner.penalty().item() == pytest.approx(3 * base, rel=1e-6)
-    x, y = stream[1].x_train[:10], stream[1].y_train[:10]
-    t = torch.ones_like(y)
+    x, y = stream[2].x_train[:10], stream[2].y_train[:10]
+    t = torch.full_like(y, 2)
     ce = F.cross_entropy(learner.logits(x, t), y)
-    assert learner.loss(x, y, t).item() == pytest.approx(ce.item() + 3 * base, rel=1e-6)
+    assert learner.loss(x, y, t).item() == pytest.approx(ce.item(), rel=1e-6)  # CE alone
+    # the step's gradient: CE's by autograd plus the penalty's, added in after_backward
+    learner.model.zero_grad()
+    (ce + learner.penalty()).backward()
+    expected = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+    learner.model.zero_grad()
+    learner.loss(x, y, t).backward()
+    learner.after_backward(x, y, t)
+    for n, p in learner.model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6)
     learner.hparams.ewc_lambda = 0.0
-    assert learner.loss(x, y, t).item() == pytest.approx(ce.item(), rel=1e-6)
+    learner.model.zero_grad()
+    learner.loss(x, y, t).backward()
+    ce_only = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+    learner.after_backward(x, y, t)
+    assert identical(ce_only, {n: p.grad for n, p in learner.model.named_parameters()})
 
 
 def test_ewc_penalty_sums_one_quadratic_per_learned_task():
@@ -232,11 +248,17 @@ def test_ewc_penalty_sums_one_quadratic_per_learned_task():
     assert all(v.min() >= 0 for f in learner.fishers for v in f.values())
 
 
+@pytest.mark.parametrize("path", ["linear", "vmap"])
 @pytest.mark.parametrize("scenario", ["domain", "task"])
-def test_ewc_vectorized_fisher_equals_a_per_sample_loop(scenario, monkeypatch):
+def test_ewc_vectorized_fisher_equals_a_per_sample_loop(scenario, path, monkeypatch):
     monkeypatch.setattr(ewc_module, "FISHER_CHUNK", 16)  # several chunks, a ragged last one
+    monkeypatch.setattr(ewc_module, "LINEAR_FISHER_CHUNK", 16)
     stream = split_stream(scenario, n=40)
     learner = make("ewc", stream, hidden=(8, 6))
+    if path == "vmap":  # what a backbone with other layers (the CNN) uses
+        monkeypatch.setattr(learner, "_linear_layers", lambda: None)
+    else:
+        assert learner._linear_layers() is not None
     learner.learn(stream[0])
     x, y = stream[1].x_train, stream[1].y_train
     t = torch.ones_like(y)
@@ -462,6 +484,9 @@ def test_replay_retains_more_of_task_0_than_finetune_in_class_incremental():
 METHOD_HPARAMS = {
     "ewc": {"fisher_type": "true", "fisher_samples": 40},
     "replay": {"buffer_size": 25},
+    "icarl": {"memory_size": 20},
+    "der": {"buffer_size": 25},
+    "er_ace": {"buffer_size": 25},
 }
 
 
