@@ -483,10 +483,19 @@ def test_replay_retains_more_of_task_0_than_finetune_in_class_incremental():
 # listed runs with its defaults.
 METHOD_HPARAMS = {
     "ewc": {"fisher_type": "true", "fisher_samples": 40},
+    "online_ewc": {"fisher_type": "true", "fisher_samples": 40, "gamma": 0.9},
+    "mas": {"importance_samples": 40},
+    "si": {"si_c": 0.5},
     "replay": {"buffer_size": 25},
     "icarl": {"memory_size": 20},
     "der": {"buffer_size": 25},
     "er_ace": {"buffer_size": 25},
+    "generative_replay": {
+        "generator_epochs": 1,
+        "latent_dim": 4,
+        "generator_hidden": 16,
+        "reconstruction": "gaussian",
+    },
 }
 
 
