@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from learners import ConfigError, hp
 from orchestrator.config import ExperimentConfig, load_config, method_specs
+from sweeps import study as studies
 from sweeps.space import Dimension, grid_values, parse_space
 from task_streams import build_stream, validate_stream_config
 from task_streams.sources import VALIDATION_FRACTION
@@ -35,8 +36,8 @@ OBJECTIVES: dict[str, str] = {
 }
 """objective name -> the direction Optuna optimises it in"""
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
+SAMPLERS = tuple(studies.SAMPLERS)
+PRUNERS = tuple(studies.PRUNERS)
 PROTOCOLS = ("full", "heldout", "first_tasks")
 
 
