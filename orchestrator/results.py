@@ -565,7 +565,7 @@ def _versus_best(row: pd.Series) -> str:
     if _missing(p):
         return "n/a"
     verdict = "not sig." if p >= SIGNIFICANCE else "worse"
-    return f"{verdict} (p={p:.3g}, {pairs} pairs)"
+    return f"{verdict} (p={p:.3g}, {pairs} pair{'s' if pairs != 1 else ''})"
 
 
 def significance_note(summary: pd.DataFrame) -> str | None:
