@@ -490,6 +490,8 @@ METHOD_HPARAMS = {
     "icarl": {"memory_size": 20},
     "der": {"buffer_size": 25},
     "er_ace": {"buffer_size": 25},
+    "gem": {"memories_per_task": 10},
+    "agem": {"memories_per_task": 10, "sample_size": 8},
     "generative_replay": {
         "generator_epochs": 1,
         "latent_dim": 4,
