@@ -7,7 +7,8 @@ Three keys, each 16 hex digits of a SHA-256:
 - ``instance_key``: the configuration with its seed and task order, still without the label and
   without the code. ``--reuse any`` matches finished runs on it.
 - ``run_key``: the instance key plus the hash of the code that computes the run (the method's
-  file and its base classes' files, the shared training loop, evaluation and backbones, and
+  file and its base classes' files, the project modules they import, the shared training
+  loop, evaluation and backbones, and
   the stream builders). A fixed learner therefore re-runs, and nothing else does. Checkpoints
   are keyed by it, so a run never resumes from state written by other code.
 
@@ -125,9 +126,55 @@ def method_files(method: str) -> list[Path]:
     return files
 
 
+PROJECT_PACKAGES = ("learners", "task_streams")
+"""packages whose modules a method file imports count as the method's code"""
+
+
+def _module_file(name: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    return Path(origin).resolve() if origin and origin.endswith(".py") else None
+
+
+def _imports(path: Path) -> tuple[Path, ...]:
+    """The project modules ``path`` imports (``from learners._episodic import ...``)."""
+    return _imports_of(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _imports_of(name: str, mtime_ns: int) -> tuple[Path, ...]:
+    path = Path(name)
+    found: list[Path] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from learners import replay` names a module; `from x.y import f` names x.y
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in PROJECT_PACKAGES:
+                module = _module_file(name)
+                if module is not None and module.name != "__init__.py" and module not in found:
+                    found.append(module)
+    return tuple(found)
+
+
 def code_files(method: str) -> list[Path]:
-    """Every file whose code decides a run of ``method``'s results."""
+    """Every file whose code decides a run of ``method``'s results: the method's class and
+    base classes, the project modules they import (transitively), and the shared code."""
     files = method_files(method)
+    pending = list(files)
+    while pending:
+        for module in _imports(pending.pop()):
+            if module not in files:
+                files.append(module)
+                pending.append(module)
     return files + [p.resolve() for p in SHARED_CODE if p.resolve() not in files]
 
 
