@@ -146,7 +146,7 @@ def _imports(path: Path) -> tuple[Path, ...]:
     return _imports_of(str(path), path.stat().st_mtime_ns)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=512)
 def _imports_of(name: str, mtime_ns: int) -> tuple[Path, ...]:
     path = Path(name)
     found: list[Path] = []
