@@ -610,3 +610,31 @@ def test_a_method_limited_to_some_scenarios_is_refused_elsewhere_saying_why():
         make("task_only_probe", split_stream("task"))
     finally:
         del LEARNERS["task_only_probe"]
+
+
+@pytest.fixture(scope="module")
+def digits_streams() -> dict[str, TaskStream]:
+    """Two-task digits streams, one per scenario (split task / class, permuted domain)."""
+    from task_streams import build_stream
+
+    small = {"source": "digits", "num_tasks": 2, "train_per_task": 200, "test_per_task": 60}
+    return {
+        "task": build_stream({**small, "name": "split", "scenario": "task"}, 0),
+        "class": build_stream({**small, "name": "split", "scenario": "class"}, 0),
+        "domain": build_stream({**small, "name": "permuted"}, 0),
+    }
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_method_learns_every_scenario_it_supports(name, digits_streams):
+    from learners.evaluation import evaluate
+
+    for scenario in LEARNERS[name].SCENARIOS:
+        stream = digits_streams[scenario]
+        learner = make(name, stream, METHOD_HPARAMS.get(name), optimizer="adam", lr=1e-2, epochs=3)
+        for task in stream:
+            learner.learn(task)
+        final = evaluate(learner, stream)
+        chance = 1 / (2 if scenario == "task" else stream.num_classes)
+        assert final[-1] > chance + 0.2, (scenario, final)  # it learned the last task
+        assert learner.resources()["stored_bytes"] >= 0
