@@ -306,8 +306,11 @@ def write_docs(results: list[dict], ratios: dict, cost: dict, checks: dict) -> N
         bwt = _mean(results, "gem", m, "BWT") * 100
         lines.append(f"| {m} | {_cell(results, 'gem', m)} | {bwt:.1f} |")
     lines += ["", "Published (GEM paper, full MNIST): GEM ACC 0.83; re-run 0.80, A-GEM 0.81.", ""]
-    for prefix, title in (("mnist", "Split MNIST (5,000-image subset)"),
-                          ("fashion", "Split Fashion-MNIST (full)")):  # fmt: skip
+    for prefix, title in (
+        ("mnist", f"Split MNIST (5,000-image subset, {SPLIT_EPOCHS} epochs, {len(SEEDS)} seeds)"),
+        ("fashion", f"Split Fashion-MNIST (full, {FASHION_EPOCHS} epochs, "
+                    f"{len(FASHION_SEEDS)} seed)"),
+    ):  # fmt: skip
         if not any(r["study"].startswith(prefix) for r in results):
             continue
         lines += [f"## {title}: task-IL / domain-IL / class-IL", ""]
