@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_config, write_config
 from mlflow.tracking import MlflowClient
-from test_learners import METHOD_HPARAMS
+from test_learners import METHOD_HPARAMS, REGISTERED
 
-from learners import LEARNERS
 from orchestrator.cli import main
 
 
 @pytest.mark.usefixtures("ray_local")
 def test_every_method_runs_under_lia_run(tmp_path):
-    methods = {name: dict(METHOD_HPARAMS.get(name, {})) for name in sorted(LEARNERS)}
+    methods = {name: dict(METHOD_HPARAMS.get(name, {})) for name in REGISTERED}
     config = tiny_config(tmp_path, name="every", methods=methods, seeds=[0])
     config["stream"] = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class",
                         "train_per_task": 100, "test_per_task": 50}  # fmt: skip
@@ -23,7 +22,7 @@ def test_every_method_runs_under_lia_run(tmp_path):
     experiment = client.get_experiment_by_name("every")
     runs = client.search_runs([experiment.experiment_id], "tags.`lia.kind` = 'run'")
     finished = {r.data.tags["method"]: r for r in runs if r.info.status == "FINISHED"}
-    assert set(finished) == set(LEARNERS)
+    assert set(finished) == set(REGISTERED)
     for name, run in finished.items():
         assert 0.0 <= run.data.metrics["ACC"] <= 1.0, name
         assert run.data.metrics["stored_bytes"] >= 0, name
