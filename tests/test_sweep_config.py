@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from conftest import tiny_config, write_config
 
-from learners import ConfigError
+from learners import LEARNERS, ConfigError
 from orchestrator.config import load_config, method_specs
 from sweeps import (
     OBJECTIVES,
@@ -420,3 +422,25 @@ def test_an_override_replaces_a_mapping_spec_with_a_list_and_back(tmp_path):
         load_sweep_config(path, ["seeds={a: 1}"])  # where the schema says list, still refused
     with pytest.raises(ConfigError, match="a space after each colon"):
         load_sweep_config(path, ["sweep.space.ewc_lambda={type:categorical,choices:[1,10]}"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(n for n, cls in LEARNERS.items() if cls.__module__.startswith("learners.")),
+)
+def test_every_method_is_tunable_with_no_sweep_code(name, tmp_path):
+    """Each method declares a search range for its own hyperparameters (hp(search=...)), and
+    values sampled from its default space make a config lia run accepts."""
+    space = default_space(name)
+    own = {f.name for f in dataclasses.fields(LEARNERS[name].HParams)}
+    assert set(space) - {"train.lr"} or not own, f"{name} declares no search range"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    stream = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class"}
+    for _ in range(3):
+        params = suggest(study.ask(), space)
+        config = tiny_config(tmp_path, methods={name: {}}, seeds=[0], stream=stream)
+        loaded = load_config(config, to_overrides(name, params))
+        (spec,) = method_specs(loaded)
+        for key, value in params.items():
+            if "." not in key:
+                assert spec.hparams[key] == value
