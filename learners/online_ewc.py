@@ -25,14 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from learners.base import register
-from learners.ewc import EWC, FISHER_TYPES
+from learners.ewc import EWC, EWCHParams
 from learners.hparams import hp
 from task_streams.base import Task
 
 
 @dataclass
-class OnlineEWCHParams:
-    """Hyperparameters of online EWC."""
+class OnlineEWCHParams(EWCHParams):
+    """Hyperparameters of online EWC: EWC's (same λ scale, same Fisher), plus the decay γ."""
 
     ewc_lambda: float = hp(
         10.0,
@@ -47,14 +47,6 @@ class OnlineEWCHParams:
         low=0.0,
         high=1.0,
         search=(0.5, 1.0),
-    )
-    fisher_samples: int = hp(
-        1024, help="training samples of each task used for its Fisher; 0 = all of them", low=0
-    )
-    fisher_type: str = hp(
-        "empirical",
-        help="empirical: gradients at the true labels; true: at labels sampled from the model",
-        choices=FISHER_TYPES,
     )
 
 

@@ -10,6 +10,7 @@ access to the Optuna storage. Registered under the ``lia.report_sections`` entry
 
 from __future__ import annotations
 
+import ast
 import io
 from typing import Any
 
@@ -101,7 +102,7 @@ def study_section(client: MlflowClient, experiment_id: str) -> str | None:
         tags = run.data.tags
         protocol = tags.get("sweep.protocol", "?")
         meaning = PROTOCOLS.get(protocol, "").format(first_tasks=tags.get("sweep.first_tasks", "k"))
-        objectives = [o.strip(" '") for o in tags.get("sweep.objective", "").strip("[]").split(",")]
+        objectives = [str(o) for o in ast.literal_eval(tags.get("sweep.objective", "['ACC']"))]
         directions = [OBJECTIVES.get(o, "maximize") for o in objectives]
         counts = {s: tags.get(f"trials.{s}", "?") for s in ("complete", "pruned", "failed")}
         orphaned = tags.get("trials.orphaned", "0")
