@@ -10,7 +10,7 @@ same form with k = λ/2 but is EWC itself with one running pair (``learners/onli
 so that its Fisher, penalty and state stay EWC's.
 
 The penalty's gradient 2k·Ω·(θ − θ*) is added to ``.grad`` in closed form in
-:meth:`ImportancePenalty.after_backward`, not through autograd: no graph, three fused
+:meth:`ImportancePenalty.after_backward`, not through autograd: no graph, two fused
 element-wise operations over all parameter tensors, and ``loss()`` stays the task loss, so a
 subclass that records the task loss's own gradient (SI) reads ``.grad`` before calling
 ``super().after_backward``.
@@ -23,11 +23,81 @@ lr·2k·max(Ω) > 2 diverges, and the loop stops the run with TrainingDiverged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from learners.base import Learner
+
+
+# ---------------------------------------------------------------------- per-sample sums
+def all_linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:
+    """Module name -> layer when every trainable parameter belongs to an ``nn.Linear``; else
+    None (then per-sample gradients need torch.func)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    owned = {
+        f"{n}.{k}" if n else k
+        for n, m in layers.items()
+        for k, p in m.named_parameters(recurse=False)
+        if p.requires_grad
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return layers if owned == trainable else None
+
+
+def linear_per_sample_sum(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    summed_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    chunk: int,
+) -> dict[str, torch.Tensor]:
+    """Σ_i transform(∂ℓ_i/∂θ) over the samples, for a network whose trainable parameters are
+    all linear layers', from one ordinary backward pass per chunk (no per-sample gradients).
+
+    ``summed_loss(x_chunk, t_chunk)`` runs the model and returns Σ_i ℓ_i, sample i's loss
+    depending on sample i only (eval mode: no batch coupling). Sample i's gradient of a linear
+    layer's weight is the outer product g_i a_iᵀ of the gradient at the layer's output and the
+    layer's input; for an elementwise ``transform`` that is multiplicative, T(g·a) = T(g)·T(a)
+    (the square: EWC's Fisher; the absolute value: MAS), Σ_i T(g_i a_iᵀ) = T(G)ᵀ T(A): one
+    matmul per layer. The bias's is Σ_i T(g_i). Returns sums, not means.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            inputs[name], outputs[name] = args[0], out
+
+        return hook
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    names = list(layers)
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    try:
+        for start in range(0, int(x.shape[0]), chunk):
+            xc, tc = x[start : start + chunk], t[start : start + chunk]
+            with torch.enable_grad():
+                loss = summed_loss(xc, tc)
+                grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+            for name, g in zip(names, grads, strict=True):
+                a, tg = inputs[name].detach(), transform(g.detach())
+                if a.dim() != 2:
+                    raise RuntimeError(f"layer {name} saw {a.dim()}-D inputs")
+                prefix = f"{name}." if name else ""
+                if f"{prefix}weight" in total:
+                    total[f"{prefix}weight"] += tg.T @ transform(a)
+                if f"{prefix}bias" in total:
+                    total[f"{prefix}bias"] += tg.sum(0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 class ImportancePenalty(Learner):
@@ -46,8 +116,8 @@ class ImportancePenalty(Learner):
         # the same tensors as lists in parameter order, for the fused per-step update;
         # derived (by _index), not state
         self._params: list[torch.nn.Parameter] = []
-        self._anchor_list: list[torch.Tensor] = []
         self._importance_list: list[torch.Tensor] = []
+        self._pull_list: list[torch.Tensor] = []  # −Ω ⊙ θ*
 
     # ------------------------------------------------------------------ to define
     def strength(self) -> float:
@@ -72,10 +142,10 @@ class ImportancePenalty(Learner):
         named = self._named_trainable()
         self._params = [p for _, p in named]
         if self.anchor is None:
-            self._anchor_list, self._importance_list = [], []
+            self._importance_list, self._pull_list = [], []
         else:
-            self._anchor_list = [self.anchor[n] for n, _ in named]
             self._importance_list = [self.importance[n] for n, _ in named]
+            self._pull_list = [-(self.importance[n] * self.anchor[n]) for n, _ in named]
 
     # ------------------------------------------------------------------ objective
     def penalty(self) -> torch.Tensor:
@@ -89,16 +159,17 @@ class ImportancePenalty(Learner):
 
     @torch.no_grad()
     def after_backward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        """Add the penalty's gradient 2k·Ω·(θ − θ*) to each parameter's gradient."""
+        """Add the penalty's gradient 2k·Ω·(θ − θ*) = 2k·(Ω ⊙ θ − Ω ⊙ θ*) to each parameter's
+        gradient: two fused in-place operations (Ω ⊙ θ* is precomputed per task)."""
         k = self.strength()
         if self.anchor is None or k == 0:
             return
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        pull = torch._foreach_sub(self._params, self._anchor_list)
-        torch._foreach_mul_(pull, self._importance_list)
-        torch._foreach_add_([p.grad for p in self._params], pull, alpha=2 * k)
+        grads = [p.grad for p in self._params]
+        torch._foreach_addcmul_(grads, self._params, self._importance_list, value=2 * k)
+        torch._foreach_add_(grads, self._pull_list, alpha=2 * k)
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

@@ -26,10 +26,11 @@ pass of the summed loss: sample i's gradient of a linear layer's weight is the o
 g_i a_iᵀ of the gradient at the layer's output and the layer's input, so
 Σ_i (g_i a_iᵀ)² = (g²)ᵀ (a²), one matmul per layer (bias: Σ_i g_i²). Other backbones (the
 CNN) use torch.func (vmap of grad of a functional call), chunked; both give the same numbers.
-The penalty's gradient, λ·(F̄ ⊙ δ + G), is added to the parameters' gradients in closed form
-in ``after_backward`` with fused per-tensor operations, not through autograd, so ``loss()``
-is the cross-entropy alone and a step costs little more than fine-tuning's; ``penalty()``
-gives the penalty's value.
+The penalty's gradient, λ·Σ_t F_t ⊙ (θ − θ*_t) = λ·(F̄ ⊙ θ + P) with the running sums
+F̄ = Σ_t F_t and P = −Σ_t F_t ⊙ θ*_t (updated once per task), is added to the parameters'
+gradients in closed form in ``after_backward`` with two fused operations, not through
+autograd, so ``loss()`` is the cross-entropy alone and a step costs little more than
+fine-tuning's whatever the number of tasks; ``penalty()`` gives the penalty's value.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from learners._importance import all_linear_layers, linear_per_sample_sum
 from learners.base import Learner, register
 from learners.hparams import hp
 from task_streams.base import Task
@@ -83,53 +85,39 @@ class EWC(Learner):
         super().__init__(*args, **kwargs)
         self.fishers: list[dict[str, torch.Tensor]] = []
         self.anchors: list[dict[str, torch.Tensor]] = []
-        # the penalty re-expanded around the last anchor (see _consolidate); derived, not state
-        self._anchor: torch.Tensor | None = None
-        self._fisher_sum: torch.Tensor | None = None
-        self._linear: torch.Tensor | None = None
-        self._constant: torch.Tensor | None = None
+        # running sums over the stored pairs (see _accumulate); derived, not state
         self._params: list[torch.nn.Parameter] = []
-        self._fisher_parts: list[torch.Tensor] = []
-        self._offset_parts: list[torch.Tensor] = []
+        self._fisher_sum: list[torch.Tensor] = []
+        self._pull: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ parameters
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def _flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1) for n, _ in self._named_trainable()])
-
     def _consolidate(self) -> None:
-        """Precompute the penalty as a quadratic around the last anchor θ*_L.
+        """Recompute the running sums from the stored (Fisher, anchor) pairs, in task order
+        (after loading a checkpoint, or when a subclass replaced the pairs)."""
+        self._params, self._fisher_sum, self._pull = [], [], []
+        for fisher, anchor in zip(self.fishers, self.anchors, strict=True):
+            self._accumulate(fisher, anchor)
 
-        With δ = θ − θ*_L and c_t = θ*_L − θ*_t (Eq. 3 of the paper, summed over tasks):
-        Σ_t F_t (θ − θ*_t)² = Σ_i [F̄_i δ_i² + 2 G_i δ_i] + K, where F̄ = Σ_t F_t,
-        G = Σ_t F_t c_t and K = Σ_t Σ_i F_t,i c_t,i². Per-step cost no longer grows with the
-        number of tasks, and the value at θ*_L is K exactly (0 after the first task).
+    @torch.no_grad()
+    def _accumulate(self, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
+        """Fold one pair into F̄ = Σ_t F_t and P = −Σ_t F_t ⊙ θ*_t, per parameter tensor.
+
+        The penalty's gradient is λ·Σ_t F_t ⊙ (θ − θ*_t) = λ·(F̄ ⊙ θ + P): two fused in-place
+        operations per step whatever the number of tasks (:meth:`after_backward`), and O(1)
+        work per new task instead of re-summing every stored pair.
         """
-        if not self.fishers:
-            self._anchor = self._fisher_sum = self._linear = self._constant = None
-            self._params, self._fisher_parts, self._offset_parts = [], [], []
-            return
-        fishers = torch.stack([self._flat(f) for f in self.fishers])
-        offsets = self._flat(self.anchors[-1]).unsqueeze(0) - torch.stack(
-            [self._flat(a) for a in self.anchors]
+        named = self._named_trainable()
+        if not self._fisher_sum:
+            self._params = [p for _, p in named]
+            self._fisher_sum = [torch.zeros_like(p) for p in self._params]
+            self._pull = [torch.zeros_like(p) for p in self._params]
+        torch._foreach_add_(self._fisher_sum, [fisher[n] for n, _ in named])
+        torch._foreach_addcmul_(
+            self._pull, [fisher[n] for n, _ in named], [anchor[n] for n, _ in named], value=-1.0
         )
-        self._anchor = self._flat(self.anchors[-1])
-        self._fisher_sum = fishers.sum(0)
-        self._linear = 2 * (fishers * offsets).sum(0)
-        self._constant = (fishers * offsets.pow(2)).sum()
-        shapes = [p.shape for _, p in self._named_trainable()]
-        sizes = [shape.numel() for shape in shapes]
-
-        def parts(flat: torch.Tensor) -> list[torch.Tensor]:
-            return [v.view(shape) for v, shape in zip(flat.split(sizes), shapes, strict=True)]
-
-        # the penalty's gradient λ·(F̄ ⊙ (θ − θ*_L) + G/2) = λ·(F̄ ⊙ θ + C), with
-        # C = G/2 − F̄ ⊙ θ*_L: two fused in-place operations per step (after_backward)
-        self._params = [p for _, p in self._named_trainable()]
-        self._fisher_parts = parts(self._fisher_sum)
-        self._offset_parts = parts(self._linear / 2 - self._fisher_sum * self._anchor)
 
     # ------------------------------------------------------------------ Fisher
     def fisher(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,54 +134,27 @@ class EWC(Learner):
 
     def _linear_layers(self) -> dict[str, nn.Linear] | None:
         """Module name -> layer when every trainable parameter is a Linear's; else None."""
-        layers = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
-        owned = {
-            f"{n}.{k}" if n else k
-            for n, m in layers.items()
-            for k, p in m.named_parameters(recurse=False)
-            if p.requires_grad
-        }
-        return layers if owned == {n for n, _ in self._named_trainable()} else None
+        return all_linear_layers(self.model)
 
     def _linear_fisher(
         self, layers: dict[str, nn.Linear], x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The Fisher of an all-linear network in closed form: Σ_i g_i² a_i²ᵀ = (g²)ᵀ(a²)."""
-        inputs: dict[str, torch.Tensor] = {}
-        outputs: dict[str, torch.Tensor] = {}
+        labels = iter(
+            y[start : start + LINEAR_FISHER_CHUNK]
+            for start in range(0, int(y.shape[0]), LINEAR_FISHER_CHUNK)
+        )
 
-        def keep(name: str):
-            def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                inputs[name], outputs[name] = args[0], out
+        def summed_nll(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            yc = next(labels)
+            if self.hparams.fisher_type == "true":
+                yc = self._sample_labels(xc, tc)
+            return F.cross_entropy(self.logits(xc, tc), yc, reduction="sum")
 
-            return hook
-
-        handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-        total = {n: torch.zeros_like(p) for n, p in self._named_trainable()}
-        n_samples = int(y.shape[0])
-        try:
-            for start in range(0, n_samples, LINEAR_FISHER_CHUNK):
-                xc, yc, tc = (v[start : start + LINEAR_FISHER_CHUNK] for v in (x, y, t))
-                if self.hparams.fisher_type == "true":
-                    yc = self._sample_labels(xc, tc)
-                with torch.enable_grad():
-                    out = self.logits(xc, tc)
-                    loss = F.cross_entropy(out, yc, reduction="sum")  # sample i's loss is term i
-                    names = list(layers)
-                    grads = torch.autograd.grad(loss, [outputs[n] for n in names])
-                for name, g in zip(names, grads, strict=True):
-                    a, g2 = inputs[name].detach(), g.detach().pow(2)
-                    if a.dim() != 2:
-                        raise RuntimeError(f"layer {name} saw {a.dim()}-D inputs")
-                    prefix = f"{name}." if name else ""
-                    if f"{prefix}weight" in total:
-                        total[f"{prefix}weight"] += g2.T @ a.pow(2)
-                    if f"{prefix}bias" in total:
-                        total[f"{prefix}bias"] += g2.sum(0)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {n: v / max(n_samples, 1) for n, v in total.items()}
+        total = linear_per_sample_sum(
+            self.model, layers, summed_nll, x, t, torch.square, LINEAR_FISHER_CHUNK
+        )
+        return {n: v / max(int(y.shape[0]), 1) for n, v in total.items()}
 
     def _vmap_fisher(
         self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
@@ -245,22 +206,24 @@ class EWC(Learner):
             x, y, t = x[idx], y[idx], t[idx]
         self.fishers.append(self.fisher(x, y, t))
         self.anchors.append({n: p.detach().clone() for n, p in self._named_trainable()})
-        self._consolidate()
+        self._accumulate(self.fishers[-1], self.anchors[-1])
 
     # ------------------------------------------------------------------ objective
     def penalty(self) -> torch.Tensor:
-        """(λ/2)·Σ_tasks Σ_i F_i·(θ_i − θ*_i)²; a differentiable scalar, 0 before any task."""
-        if self._anchor is None:
-            return torch.zeros((), device=self.device)
-        delta = torch.cat([p.reshape(-1) for _, p in self._named_trainable()]) - self._anchor
-        quadratic = ((self._fisher_sum * delta + self._linear) * delta).sum() + self._constant
-        return 0.5 * self.hparams.ewc_lambda * quadratic
+        """(λ/2)·Σ_tasks Σ_i F_i·(θ_i − θ*_i)², summed pair by pair (exactly 0 at the last
+        anchor after one task); a differentiable scalar, 0 before any task. Not used by the
+        training step, which adds the penalty's gradient in closed form."""
+        total = torch.zeros((), device=self.device)
+        for fisher, anchor in zip(self.fishers, self.anchors, strict=True):
+            for n, p in self._named_trainable():
+                total = total + (fisher[n] * (p - anchor[n]).pow(2)).sum()
+        return 0.5 * self.hparams.ewc_lambda * total
 
     def after_backward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        """Add the penalty's gradient, λ·(F̄ ⊙ δ + G/2) with δ = θ − θ*_L (the derivative of
-        :meth:`penalty`), to each parameter's gradient."""
+        """Add the penalty's gradient, λ·(F̄ ⊙ θ + P) = λ·Σ_t F_t ⊙ (θ − θ*_t) (the derivative
+        of :meth:`penalty`), to each parameter's gradient."""
         strength = self.hparams.ewc_lambda
-        if self._anchor is None or strength == 0:
+        if not self._fisher_sum or strength == 0:
             return
         grads = []
         for p in self._params:
@@ -268,8 +231,8 @@ class EWC(Learner):
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         with torch.no_grad():
-            torch._foreach_addcmul_(grads, self._params, self._fisher_parts, value=strength)
-            torch._foreach_add_(grads, self._offset_parts, alpha=strength)
+            torch._foreach_addcmul_(grads, self._params, self._fisher_sum, value=strength)
+            torch._foreach_add_(grads, self._pull, alpha=strength)
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

@@ -28,8 +28,10 @@ lr 0.1, 5 epochs) λ = 0.1 gained nothing over fine-tuning and λ ≥ 0.3 diverg
 raised ACC from 0.54 to 0.67 (and from 0.58 to 0.69 with Adam lr 1e-3, where λ = 1 fell to
 0.45), mean of seeds 0 and 1.
 
-Per-sample gradients are computed in chunks with torch.func (vmap of grad of a functional
-call), as for EWC's Fisher, never with a Python loop over samples.
+Cost, as for EWC's Fisher: when every trainable parameter is a linear layer's (the MLP), the
+per-sample sum comes in closed form from one backward per chunk, Σ_k |g_k a_kᵀ| = |G|ᵀ|A|
+(``learners/_importance.py``); other networks use torch.func (vmap of grad of a functional
+call), chunked. Never a Python loop over samples.
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, grad, vmap
 
-from learners._importance import ImportancePenalty
+from learners._importance import ImportancePenalty, all_linear_layers, linear_per_sample_sum
 from learners.base import register
 from learners.hparams import hp
 from task_streams.base import Task
 
 CHUNK = 256  # samples per vmap call at most
 CHUNK_BYTES = 2**28  # and at most this much memory for the chunk's per-sample gradients
+LINEAR_CHUNK = 2048  # samples per forward/backward in the closed-form (all-linear) case
 
 
 @dataclass
@@ -75,6 +78,29 @@ class MAS(ImportancePenalty):
 
     def output_sensitivity(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean over the samples of |∂ ||f(x)||²₂ / ∂θ| (no labels involved)."""
+        layers = all_linear_layers(self.model)
+        if layers is None:
+            return self._vmap_sensitivity(x, t)
+        masked = self.class_mask is not None
+
+        def summed_squared_norm(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            out = self.model(xc)
+            if masked:  # the task's own output units only
+                out = out.masked_fill(~self.class_mask[tc], 0.0)
+            return out.pow(2).sum()
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            total = linear_per_sample_sum(
+                self.model, layers, summed_squared_norm, x, t, torch.abs, LINEAR_CHUNK
+            )
+        finally:
+            self.model.train(was_training)
+        return {n: v / max(int(x.shape[0]), 1) for n, v in total.items()}
+
+    def _vmap_sensitivity(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same for any network: per-sample gradients with torch.func, chunked."""
         named = self._named_trainable()
         params = {n: p.detach() for n, p in named}
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}

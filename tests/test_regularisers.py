@@ -234,13 +234,17 @@ def test_si_path_integral_with_plain_sgd_is_the_learning_rate_times_the_squared_
 
 
 # ---------------------------------------------------------------------- MAS
+@pytest.mark.parametrize("path", ["linear", "vmap"])
 @pytest.mark.parametrize("scenario", ["task", "domain"])
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_output_norm(
-    scenario, monkeypatch
+    scenario, path, monkeypatch
 ):
     import learners.mas as mas_module
 
     monkeypatch.setattr(mas_module, "CHUNK", 16)  # several chunks, a ragged last one
+    monkeypatch.setattr(mas_module, "LINEAR_CHUNK", 16)
+    if path == "vmap":  # what a backbone with other layers (the CNN) uses
+        monkeypatch.setattr(mas_module, "all_linear_layers", lambda model: None)
     stream = split_stream(scenario, n=40)
     learner = make("mas", stream, {"importance_samples": 0}, hidden=(8, 6))
     learner.learn(stream[0])
