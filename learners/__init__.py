@@ -7,7 +7,7 @@ that use ``@register``), so adding a method is adding a file.
 import importlib
 import pkgutil
 
-from learners.backbones import ModelConfig
+from learners.backbones import BACKBONES, ModelConfig, register_backbone
 from learners.base import (
     LEARNERS,
     Learner,
@@ -27,6 +27,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"learners.{_module.name}")
 
 __all__ = [
+    "BACKBONES",
     "LEARNERS",
     "ConfigError",
     "Learner",
@@ -38,4 +39,5 @@ __all__ = [
     "hp",
     "learner_class",
     "register",
+    "register_backbone",
 ]

@@ -1,17 +1,41 @@
-"""Backbone networks: an MLP and a small CNN, sized from a ModelConfig and the stream's shape."""
+"""Backbone networks, registered by name: an MLP and a small CNN, sized from a ModelConfig and
+the stream's shape.
+
+A backbone is a function ``(ModelConfig, StreamInfo) -> nn.Module`` registered with
+:func:`register_backbone`; ``model.backbone`` accepts every registered name (the registry is
+the list of choices, so a plugin's backbone is accepted, listed and validated like the
+built-in ones)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from learners.hparams import hp
+from learners.hparams import ConfigError, hp
 from task_streams.base import StreamInfo
 
-BACKBONES = ("mlp", "cnn")
+BACKBONES: dict[str, Callable[[ModelConfig, StreamInfo], nn.Module]] = {}
+"""name -> builder; ``model.backbone``'s accepted values (a live view: later registrations
+count)"""
+
+
+def register_backbone(
+    name: str,
+) -> Callable[[Callable[[ModelConfig, StreamInfo], nn.Module]], Callable]:
+    """Decorator: ``@register_backbone("name")`` on a ``(ModelConfig, StreamInfo) ->
+    nn.Module`` function makes ``model.backbone=name`` build it."""
+
+    def decorate(builder: Callable[[ModelConfig, StreamInfo], nn.Module]) -> Callable:
+        if name in BACKBONES and BACKBONES[name] is not builder:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = builder
+        return builder
+
+    return decorate
 
 
 @dataclass
@@ -50,8 +74,6 @@ class ModelConfig:
         for name in ("hidden", "cnn_channels"):
             widths = getattr(self, name)
             if any(int(w) < 1 for w in widths):
-                from learners.hparams import ConfigError
-
                 raise ConfigError(
                     f"model.{name}={list(widths)} is not accepted; "
                     "expected a list of positive integers"
@@ -110,23 +132,32 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+@register_backbone("mlp")
+def _mlp(config: ModelConfig, info: StreamInfo) -> nn.Module:
+    return MLP(math.prod(info.input_shape), list(config.hidden), info.num_classes, config.dropout)
+
+
+@register_backbone("cnn")
+def _cnn(config: ModelConfig, info: StreamInfo) -> nn.Module:
+    if len(info.input_shape) != 3:
+        raise ValueError(f"the cnn backbone needs (C, H, W) inputs, got {info.input_shape}")
+    return SmallCNN(
+        tuple(info.input_shape),
+        list(config.cnn_channels),
+        config.cnn_fc,
+        info.num_classes,
+        config.dropout,
+    )
+
+
 def build_backbone(config: ModelConfig, info: StreamInfo) -> nn.Module:
     """Build the network named by ``config`` for the stream described by ``info``."""
-    if config.backbone == "mlp":
-        return MLP(
-            math.prod(info.input_shape), list(config.hidden), info.num_classes, config.dropout
+    builder = BACKBONES.get(config.backbone)
+    if builder is None:
+        raise ConfigError(
+            f"model.backbone={config.backbone!r} is unknown; accepted: {', '.join(BACKBONES)}"
         )
-    if config.backbone == "cnn":
-        if len(info.input_shape) != 3:
-            raise ValueError(f"the cnn backbone needs (C, H, W) inputs, got {info.input_shape}")
-        return SmallCNN(
-            tuple(info.input_shape),
-            list(config.cnn_channels),
-            config.cnn_fc,
-            info.num_classes,
-            config.dropout,
-        )
-    raise ValueError(f"model.backbone={config.backbone!r} is unknown; accepted: {BACKBONES}")
+    return builder(config, info)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

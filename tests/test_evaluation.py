@@ -147,3 +147,24 @@ def test_cnn_that_pools_below_one_pixel_is_refused():
         build_learner(
             "finetune", stream.info, model=ModelConfig(backbone="cnn", cnn_channels=[4, 4, 4, 4])
         )
+
+
+def test_a_registered_backbone_is_accepted_by_model_backbone_and_built():
+    from torch import nn
+
+    from learners import backbones
+    from learners.hparams import ConfigError, build_dataclass
+
+    with pytest.raises(ConfigError, match="model.backbone='linear'.*one of 'mlp', 'cnn'"):
+        build_dataclass(ModelConfig, {"backbone": "linear"}, prefix="model.")
+    try:
+        backbones.register_backbone("linear")(
+            lambda config, info: nn.Sequential(nn.Flatten(), nn.Linear(64, info.num_classes))
+        )
+        model = build_dataclass(ModelConfig, {"backbone": "linear"}, prefix="model.")
+        stream = digits_split("class")
+        learner = build_learner("finetune", stream.info, model=model)
+        assert [type(m) for m in learner.model] == [nn.Flatten, nn.Linear]
+        assert learner.model(stream[0].x_test[:3]).shape == (3, 10)
+    finally:
+        backbones.BACKBONES.pop("linear", None)
