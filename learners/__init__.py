@@ -19,8 +19,9 @@ from learners.base import (
     register,
 )
 from learners.hparams import ConfigError, hp
+from learners.meta import MetaTrainingConfig, run_phase
 
-_NOT_METHODS = {"base", "backbones", "hparams", "metrics", "evaluation"}
+_NOT_METHODS = {"base", "backbones", "hparams", "metrics", "evaluation", "meta"}
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _NOT_METHODS and not _module.name.startswith("_"):
@@ -31,6 +32,7 @@ __all__ = [
     "LEARNERS",
     "ConfigError",
     "Learner",
+    "MetaTrainingConfig",
     "ModelConfig",
     "TrainConfig",
     "TrainingDiverged",
@@ -39,5 +41,6 @@ __all__ = [
     "hp",
     "learner_class",
     "register",
+    "run_phase",
     "register_backbone",
 ]

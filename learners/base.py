@@ -33,9 +33,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from learners.backbones import ModelConfig, build_backbone, count_parameters
 from learners.hparams import ConfigError, as_dict, build_dataclass, hp
+from learners.meta import MetaTrainingConfig, Phase
 from task_streams.base import StreamInfo, Task
 
 OPTIMIZERS = ("sgd", "adam")
@@ -140,6 +142,12 @@ class Learner:
     """the scenarios this method supports (task, domain, class)"""
     SCENARIO_NOTE: ClassVar[str] = ""
     """why the others are not supported (printed when one is refused)"""
+    TRAINS_ON_STREAM: ClassVar[bool] = True
+    """the method takes gradient steps on the stream's tasks (the ``train`` section applies);
+    False for a method whose weights are fixed before the stream (lstm_meta)"""
+    META_TRAINED: ClassVar[bool] = False
+    """the method has a phase before the stream configured by the ``meta_training`` section
+    (:meth:`phase`); its runs' configurations then include that section"""
 
     @classmethod
     def check_scenario(cls, scenario: str, where: str = "") -> None:
@@ -159,6 +167,7 @@ class Learner:
         train: TrainConfig | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        meta: MetaTrainingConfig | None = None,
     ):
         if hparams is None or isinstance(hparams, dict):
             hparams = build_dataclass(self.HParams, hparams, prefix=f"methods.{self.name}.")
@@ -167,19 +176,34 @@ class Learner:
         self.hparams = hparams
         self.model_config = model or ModelConfig()
         self.train_config = train or TrainConfig()
+        self.meta_config = meta or MetaTrainingConfig()
         self.device = torch.device(device)
         self.seed = int(seed)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
         random.seed(self.seed)
-        self.model = build_backbone(self.model_config, info).to(self.device)
+        self.model = self.build_model().to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.class_mask = info.class_mask().to(self.device) if info.scenario == "task" else None
         self.optimizer = self.make_optimizer()
         self.tasks_learned = 0
         self._should_stop: Callable[[], bool] | None = None
 
+    @classmethod
+    def check_setup(cls, info: StreamInfo, meta: MetaTrainingConfig, where: str = "") -> None:
+        """ConfigError when this method cannot run on a stream described by ``info`` with these
+        settings (beyond the scenario); called before any work. Nothing to check by default."""
+
     # ----------------------------------------------------------------- building blocks
+    def build_model(self) -> nn.Module:
+        """The network this learner trains: the configured backbone, sized for the stream."""
+        return build_backbone(self.model_config, self.info)
+
+    def phase(self) -> Phase | None:
+        """Work to do before the stream (meta-training: ``learners/meta.py``), or None. The
+        runner runs it, cached by its own key, before the first task."""
+        return None
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         """A fresh optimizer over the model's current parameters."""
         cfg = self.train_config
@@ -350,9 +374,10 @@ def build_learner(
     train: TrainConfig | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    meta: MetaTrainingConfig | None = None,
 ) -> Learner:
     """Instantiate the learner registered as ``name`` (hyperparameters validated)."""
     cls = learner_class(name)
     if hparams is None or isinstance(hparams, dict):
         hparams = build_dataclass(cls.HParams, hparams, prefix=f"methods.{name}.")
-    return cls(info, hparams, model=model, train=train, device=device, seed=seed)
+    return cls(info, hparams, model=model, train=train, device=device, seed=seed, meta=meta)

@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 FILENAME = "latest.pt"
 
 
+PHASES = "phases"
+
+
+def phase_dir(root: str | Path) -> Path:
+    """Where finished and partial phases (meta-training) are kept, by their own key: shared by
+    every run and sweep trial with the same phase, and kept after the runs finish (delete it to
+    compute them again)."""
+    return Path(root) / PHASES
+
+
 def run_dir(root: str | Path, run_key: str) -> Path:
     """The folder holding one run's checkpoint."""
     return Path(root) / run_key

@@ -25,7 +25,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from learners import ConfigError, ModelConfig, TrainConfig, learner_class
+from learners import ConfigError, MetaTrainingConfig, ModelConfig, TrainConfig, learner_class
 from learners.hparams import as_dict, build_dataclass, check_ranges, hp
 from task_streams import StreamConfig, build_stream, validate_stream_config
 
@@ -108,6 +108,8 @@ class ExperimentConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    meta_training: MetaTrainingConfig = field(default_factory=MetaTrainingConfig)
+    """the phase before the stream of meta-trained methods (lstm_meta); ignored by others"""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -446,15 +448,17 @@ def validate(config: ExperimentConfig) -> None:
             validate_stream_config(dataclasses.replace(stream, task_order=list(order)))
         # Building it once here catches missing or malformed data files and sample counts the
         # data cannot supply, before any actor starts (milliseconds for the bundled sources).
-        scenario = build_stream(stream, seed=int(config.seeds[0])).scenario
+        info = build_stream(stream, seed=int(config.seeds[0])).info
     except (ValueError, TypeError, OSError) as err:
         raise ConfigError(
             str(err) if str(err).startswith("stream.") else f"stream: {err}"
         ) from None
+    check_ranges(config.meta_training, "meta_training.")
     for spec in method_specs(config):  # a method that cannot learn this stream, said why
-        learner_class(spec.method).check_scenario(
-            scenario, f"methods.{spec.label} on stream {stream.name} ({stream.source})"
-        )
+        where = f"methods.{spec.label} on stream {stream.name} ({stream.source})"
+        cls = learner_class(spec.method)
+        cls.check_scenario(info.scenario, where)
+        cls.check_setup(info, config.meta_training, where)
     # every section: declared ranges (hp() fields), and every float finite (no nan / inf)
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
@@ -557,6 +561,8 @@ def expand_runs(config: ExperimentConfig) -> list[RunSpec]:
                     "train": train,
                     "seed": int(seed),
                 }
+                if learner_class(spec.method).META_TRAINED:  # others: keys unchanged
+                    resolved["meta_training"] = as_dict(config.meta_training)
                 instance = identity.instance_key(resolved)
                 if seen.setdefault(instance, spec.label) != spec.label:
                     raise ConfigError(

@@ -72,11 +72,13 @@ class StreamRunner:
     ):
         """Learn one run, yielding one event per task; resume from its checkpoint if any.
 
-        Events: ``start`` (where it runs; ``resumed_from_task`` when resuming), ``init`` (the
+        Events: ``start`` (where it runs; ``resumed_from_task`` when resuming), ``phase``
+        events of a meta-trained method's phase before the stream (``learners/meta.py``:
+        cached by its own key in the checkpoint folder's ``phases/``), ``init`` (the
         random-init row), one ``task`` per finished task, then ``artifacts``. A resumed run
         first re-yields the events its checkpoint recorded (marked ``replayed``).
         """
-        from learners import ModelConfig, TrainConfig, build_learner
+        from learners import MetaTrainingConfig, ModelConfig, TrainConfig, build_learner, run_phase
         from learners.evaluation import iter_stream, r_matrix_from_events
         from learners.hparams import build_dataclass
         from learners.metrics import chance_accuracy
@@ -97,6 +99,9 @@ class StreamRunner:
             train=build_dataclass(TrainConfig, resolved["train"]),
             device=self.device,
             seed=seed,
+            meta=build_dataclass(MetaTrainingConfig, resolved["meta_training"])
+            if "meta_training" in resolved
+            else None,
         )
         keep = checkpoint_dir is not None and run_key is not None
         saved = checkpoints.load(checkpoint_dir, run_key) if keep else None
@@ -116,6 +121,16 @@ class StreamRunner:
         }
         for event in events:
             yield {**event, "replayed": True}
+        phase = learner.phase()  # None too when resumed: the checkpoint holds its result
+        if phase is not None:
+            from orchestrator.identity import code_hash
+
+            yield from run_phase(
+                phase,
+                checkpoints.phase_dir(checkpoint_dir) if checkpoint_dir is not None else None,
+                should_stop=self._stop.is_set,
+                code=code_hash(resolved["method"]),
+            )
         for event in iter_stream(
             learner, stream, should_stop=self._stop.is_set, start_task=learner.tasks_learned
         ):

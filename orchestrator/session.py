@@ -133,6 +133,8 @@ class RunState:
     init_logged: bool = False
     stop_reason: str | None = None
     logged_tasks: set[int] = field(default_factory=set)
+    phase_logged_step: int = 0
+    """the last phase-curve step logged to MLflow (a retried attempt re-sends earlier ones)"""
 
     def new_attempt(self) -> None:
         """An attempt re-yields its checkpoint's events: rebuild the view from them."""
@@ -477,6 +479,27 @@ class RunSession:
         self.tracker.log_task_row(state.run_id, state.r, event)
         return True
 
+    def _on_phase(self, state: RunState, event: dict[str, Any]) -> bool:
+        """Meta-training progress: its loss curve to MLflow, and a line when it ends."""
+        name = event["phase"]
+        progress = event["event"] == "progress"
+        points = [[event["step"], event["loss"]]] if progress else event["curve"]
+        points = [p for p in points if p[0] > state.phase_logged_step]
+        if points:
+            self.tracker.log_phase_curve(state.run_id, name, points)
+            state.phase_logged_step = int(points[-1][0])
+        if event["event"] == "done":
+            self.tracker.log_phase_done(state.run_id, event)
+            how = (
+                f"reused from the cache (computed in {event['compute_seconds']:.0f} s)"
+                if event["cached"]
+                else f"done in {event['seconds']:.0f} s"
+                + (f", resumed at step {event['resumed_from']}" if event["resumed_from"] else "")
+            )
+            line = f"{state.spec.run_name}: {name} ({event['steps']} steps) {how}"
+            self.console.print(escape(line))
+        return False
+
     def _on_artifacts(self, state: RunState, event: dict[str, Any]) -> bool:
         state.files.update(event["files"])
         return False
@@ -575,6 +598,7 @@ EVENT_HANDLERS = {
     "start": RunSession._on_start,
     "init": RunSession._on_init,
     "task": RunSession._on_task,
+    "phase": RunSession._on_phase,
     "artifacts": RunSession._on_artifacts,
 }
 

@@ -303,6 +303,34 @@ class Tracker:
             ],
         )
 
+    def log_phase_curve(self, run_id: str, phase: str, points: list[list[float]]) -> None:
+        """Points of a phase's loss curve: metric ``<phase>.loss`` at each step."""
+        ts = _now_ms()
+        self._log_metrics(
+            run_id, [Metric(f"{phase}.loss", float(loss), ts, int(step)) for step, loss in points]
+        )
+
+    def log_phase_done(self, run_id: str, event: dict[str, Any]) -> None:
+        """A finished phase: its key, whether it came from the cache, its cost."""
+        phase = event["phase"]
+        self.client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"{phase}.seconds", float(event["seconds"]), _now_ms(), 0),
+                Metric(f"{phase}.compute_seconds", float(event["compute_seconds"]), _now_ms(), 0),
+                Metric(f"{phase}.steps", float(event["steps"]), _now_ms(), 0),
+            ],
+            tags=[
+                RunTag(f"{phase}.key", str(event["key"])),
+                RunTag(f"{phase}.cached", str(bool(event["cached"])).lower()),
+                *(
+                    [RunTag(f"{phase}.resumed_from", str(event["resumed_from"]))]
+                    if event.get("resumed_from")
+                    else []
+                ),
+            ],
+        )
+
     def log_init_row(self, run_id: str, row: list[float]) -> None:
         """The random-init accuracies, at step 0 of metrics ``init_acc_task_{j}``."""
         ts = _now_ms()

@@ -48,7 +48,7 @@ from sweeps.config import (
     sweep_spaces,
     tuned_labels,
 )
-from sweeps.space import Dimension, grid_values, suggest, to_overrides
+from sweeps.space import SECTIONS, Dimension, grid_values, suggest, to_overrides
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,7 @@ def best_config(config: SweepExperimentConfig, result: StudyResult) -> dict[str,
     base.pop("sweep")
     base["methods"] = {result.label: dict(base["methods"][result.label] or {})}
     for key, value in (result.best_params or {}).items():
-        if key.startswith(("train.", "model.")):
+        if key.split(".")[0] in SECTIONS:
             section, name = key.split(".", 1)
             base[section][name] = value
         else:

@@ -1,7 +1,9 @@
 """Search spaces: the ``sweep.space`` syntax, the default space from ``hp(search=...)``, Optuna.
 
 A space maps keys to dimensions. A key is a hyperparameter of the tuned method
-(``ewc_lambda``), a ``train.*`` field (``train.lr``) or a ``model.*`` field (``model.dropout``).
+(``ewc_lambda``), a ``train.*`` field (``train.lr``), a ``model.*`` field (``model.dropout``)
+or, for a meta-trained method (lstm_meta), a ``meta_training.*`` field
+(``meta_training.lr``).
 Each key takes one of:
 
 - ``{type: float | log | int | int_log, low: x, high: y}``: a range, bounds inclusive; ``log``
@@ -17,7 +19,8 @@ override such as ``sweep.space.train.lr=[0.001,0.1]`` makes.
 
 Without ``type`` a mapping is read like the short forms: ``choices`` makes it categorical,
 ``low``/``high`` a range of the field's type. An empty space means the default space: every
-field declared with ``search=`` in the method's dataclass, in TrainConfig and in ModelConfig.
+field declared with ``search=`` in the method's dataclass, in TrainConfig and in ModelConfig
+(and in MetaTrainingConfig for a meta-trained method).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from typing import Any
 import optuna
 from omegaconf import OmegaConf
 
-from learners import ConfigError, ModelConfig, TrainConfig, learner_class
+from learners import ConfigError, MetaTrainingConfig, ModelConfig, TrainConfig, learner_class
 from learners.hparams import check_ranges, describe_range
 from orchestrator.config import describe_type
 
 KINDS = ("float", "log", "int", "int_log", "categorical")
-SECTIONS = {"train": TrainConfig, "model": ModelConfig}
+SECTIONS = {"train": TrainConfig, "model": ModelConfig, "meta_training": MetaTrainingConfig}
+"""config sections a space key may name; meta_training only for meta-trained methods"""
 GRID_MAX_INT_VALUES = 20
 _SPEC_KEYS = ("type", "low", "high", "choices")
 _SCALARS = (bool, int, float, str)
@@ -65,8 +69,10 @@ class _Target:
 
 def _targets(method: str) -> dict[str, _Target]:
     """Every searchable key of ``method``: its hyperparameters, then train.*, then model.*."""
-    sections = [("", learner_class(method).HParams)]
-    sections += [(f"{name}.", cls) for name, cls in SECTIONS.items()]
+    learner = learner_class(method)
+    sections = [("", learner.HParams)]
+    applies = {"train": learner.TRAINS_ON_STREAM, "meta_training": learner.META_TRAINED}
+    sections += [(f"{name}.", cls) for name, cls in SECTIONS.items() if applies.get(name, True)]
     targets = {}
     for prefix, cls in sections:
         hints = typing.get_type_hints(cls)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_config, write_config
 from mlflow.tracking import MlflowClient
-from test_learners import METHOD_HPARAMS, REGISTERED
+from test_learners import METHOD_HPARAMS, METHOD_SECTIONS, REGISTERED
 
 from orchestrator.cli import main
 
@@ -17,6 +17,8 @@ def test_every_method_runs_under_lia_run(tmp_path):
     config["stream"] = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class",
                         "train_per_task": 100, "test_per_task": 50}  # fmt: skip
     config["train"] = {"epochs": 1, "batch_size": 10, "optimizer": "adam", "lr": 0.01}
+    for sections in METHOD_SECTIONS.values():  # e.g. meta_training, for lstm_meta
+        config.update(sections)
     assert main(["run", str(write_config(tmp_path, config)), "--no-progress"]) == 0
     client = MlflowClient(tracking_uri=config["tracking"]["uri"])
     experiment = client.get_experiment_by_name("every")

@@ -7,6 +7,7 @@ import dataclasses
 import optuna
 import pytest
 from conftest import tiny_config, write_config
+from test_learners import METHOD_SECTIONS
 
 from learners import LEARNERS, ConfigError
 from orchestrator.config import load_config, method_specs
@@ -438,7 +439,8 @@ def test_every_method_is_tunable_with_no_sweep_code(name, tmp_path):
     stream = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class"}
     for _ in range(3):
         params = suggest(study.ask(), space)
-        config = tiny_config(tmp_path, methods={name: {}}, seeds=[0], stream=stream)
+        config = tiny_config(tmp_path, methods={name: {}}, seeds=[0], stream=stream,
+                             **METHOD_SECTIONS.get(name, {}))  # fmt: skip
         loaded = load_config(config, to_overrides(name, params))
         (spec,) = method_specs(loaded)
         for key, value in params.items():

@@ -1,0 +1,345 @@
+"""Task families for meta-learning: episodes of (input, ground truth) pairs drawn offline.
+
+A meta-learner (``learners/lstm_meta.py``) is trained on many short tasks of one family and then
+learns a new task of that family from feedback alone. A family samples **episodes**: a batch
+of sequences of T samples; an episode holds ``segments`` tasks one after the other (T =
+segments × length), switched without announcement, so that a meta-learner must also detect
+a switch, re-adapt and retain. Every family is registered by name (:data:`FAMILIES`).
+
+- ``random_labels`` (Santoro et al. 2016's protocol, on digit images instead of Omniglot):
+  each segment draws ``ways`` image classes and a fresh random mapping of them onto ``ways`` of
+  the ``num_outputs`` label slots; each class appears ``length // ways`` times, shuffled. The
+  label of an image means nothing until feedback shows it.
+- ``sine`` (MAML's ranges, Finn et al. 2017): y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π],
+  x ~ U[−5, 5].
+- ``linear``: y = wᵀx + b, w ~ N(0, I_d), b ~ N(0, 1), x ~ U[−1, 1]^d (d = ``dim``).
+
+**Held out means never seen.** ``split="meta"`` (meta-training) and ``split="heldout"``
+(evaluation) never share an image, a mapping or a function:
+
+- images: meta-training draws from the source's training pool, held-out episodes from its
+  test pool;
+- class combinations, hence mappings: the sets of ``ways`` classes are cut in two by a fixed
+  hash of the set (its parity); meta-training draws only even sets, held-out episodes only odd
+  ones, so a held-out task's classes never appeared together in meta-training. Every class is
+  in sets of both halves, and the labels are a uniformly random assignment in every episode,
+  so no class → label rule can be memorised (cutting the *mappings* instead would be a trap:
+  with few classes the network learns "in meta-training, 3 before 7 means label 0" and the
+  held-out half is exactly the reverse). With ``ways`` = all the source's classes there is
+  one set only: then images alone are held out, and mappings are drawn fresh;
+- functions (sine, linear): drawn from continuous distributions, so a held-out function equals
+  a meta-training one with probability 0; each split also has its own generator stream.
+
+Regression families also give what an oracle needs: a basis φ(x) in which every function of
+the family is linear, with the prior mean and covariance of its coefficients, so that
+:func:`bayes_linear_predictions` is the Bayes-optimal estimator (linear: exact; sine: under a
+Gaussian approximation of the coefficients' prior) — the floor a meta-learner is measured
+against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from task_streams.sources import load_source
+
+SPLITS = ("meta", "heldout")
+_HASH_PRIME = 1_000_003
+
+
+@dataclass
+class Episodes:
+    """A batch of episodes: B sequences of T samples.
+
+    ``presentation[b, i]`` is, for classification, how many earlier samples of the same class
+    the current segment showed before sample i (0 = the class's first appearance); for
+    regression, how many samples of the current function came before (the feedbacks received).
+    """
+
+    x: torch.Tensor  # (B, T, *input_shape), float32
+    y: torch.Tensor  # (B, T): int64 labels (classification) or float32 targets (regression)
+    segment: torch.Tensor  # (B, T) int64: which task of the episode sample i belongs to
+    presentation: torch.Tensor  # (B, T) int64
+    kind: str  # "classification" | "regression"
+    params: torch.Tensor | None = None  # regression: (B, segments, basis) true coefficients
+
+    @property
+    def batch(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.y.shape[1])
+
+    def to(self, device: torch.device | str) -> Episodes:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Episodes(
+            move(self.x), move(self.y), move(self.segment), move(self.presentation),
+            self.kind, move(self.params),
+        )  # fmt: skip
+
+
+class TaskFamily:
+    """A distribution over tasks; :meth:`sample` draws episodes from it."""
+
+    kind: str = "classification"
+    input_shape: tuple[int, ...] = ()
+    num_outputs: int = 1
+
+    def sample(
+        self,
+        batch: int,
+        length: int,
+        segments: int,
+        generator: torch.Generator,
+        split: str = "meta",
+    ) -> Episodes:
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
+
+
+def register_family(name: str) -> Callable:
+    """Decorator: make a TaskFamily subclass buildable as ``meta_training.family=name``."""
+
+    def decorate(cls):
+        FAMILIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not accepted; expected one of {SPLITS}")
+
+
+def _presentations(labels: torch.Tensor) -> torch.Tensor:
+    """For each position, how many earlier positions hold the same label (1-D tensor)."""
+    onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1)
+    before = onehot.cumsum(0) - onehot
+    return before.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+def class_set_parity(classes: list[int]) -> int:
+    """0 or 1: the fixed hash of a set of classes that cuts the sets in two halves."""
+    h = 0
+    for c in sorted(classes):
+        h = (h * _HASH_PRIME + c * 997 + 1) % (2**61 - 1)
+    return (h >> 7) & 1
+
+
+# ---------------------------------------------------------------------- random labels
+@register_family("random_labels")
+class RandomLabels(TaskFamily):
+    """Few-shot classification of images whose labels are a fresh random mapping per task."""
+
+    kind = "classification"
+
+    def __init__(
+        self,
+        source: str = "mnist5k",
+        ways: int = 5,
+        num_outputs: int | None = None,
+        path: str | None = None,
+    ):
+        data = load_source(source, path)
+        self.source = source
+        self.ways = int(ways)
+        self.num_outputs = int(num_outputs if num_outputs is not None else ways)
+        if not 2 <= self.ways <= data.num_classes:
+            raise ValueError(
+                f"meta_training.ways={ways} is not accepted for source {source!r}; expected "
+                f"2 to {data.num_classes} (its number of classes)"
+            )
+        if self.num_outputs < self.ways:
+            raise ValueError(
+                f"meta_training.ways={self.ways} is more than the {self.num_outputs} labels a "
+                f"task's classes can be mapped to (the stream's classes); expected ways <= "
+                f"{self.num_outputs}"
+            )
+        self.num_classes = data.num_classes
+        self.input_shape = tuple(data.input_shape)
+        self._pools = {
+            "meta": self._by_class(data.x_train, data.y_train),
+            "heldout": self._by_class(data.x_test, data.y_test),
+        }
+
+    def _by_class(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        x = x.reshape(x.shape[0], *self.input_shape)
+        return [x[y == c] for c in range(self.num_classes)]
+
+    def _mapping(self, generator: torch.Generator, split: str) -> tuple[list[int], list[int]]:
+        """A class set of the split's half, and a uniformly random assignment of labels."""
+        want = 0 if split == "meta" else 1
+        while True:
+            classes = torch.randperm(self.num_classes, generator=generator)[: self.ways].tolist()
+            if self.ways == self.num_classes or class_set_parity(classes) == want:
+                break
+        labels = torch.randperm(self.num_outputs, generator=generator)[: self.ways].tolist()
+        return classes, labels
+
+    def sample(self, batch, length, segments, generator, split="meta") -> Episodes:
+        _check_split(split)
+        if length < self.ways:
+            raise ValueError(
+                f"meta_training.episode_length={length} is shorter than ways={self.ways}; "
+                f"expected at least {self.ways} samples per task"
+            )
+        pools = self._pools[split]
+        xs, ys, presentations = [], [], []
+        for _ in range(batch):
+            ex, ey, ep = [], [], []
+            for _ in range(segments):
+                classes, labels = self._mapping(generator, split)
+                slots = torch.arange(length) % self.ways  # balanced: each class length//ways+
+                slots = slots[torch.randperm(length, generator=generator)]
+                images = torch.empty(length, *self.input_shape, dtype=pools[0].dtype)
+                for k, c in enumerate(classes):
+                    where = (slots == k).nonzero().squeeze(1)
+                    pool = pools[c]
+                    pick = torch.randperm(pool.shape[0], generator=generator)[: where.numel()]
+                    images[where] = pool[pick]
+                ex.append(images)
+                ey.append(torch.tensor(labels)[slots])
+                ep.append(_presentations(slots))
+            xs.append(torch.cat(ex))
+            ys.append(torch.cat(ey))
+            presentations.append(torch.cat(ep))
+        x = torch.stack(xs).to(torch.float32).div_(255.0)
+        segment = torch.arange(segments).repeat_interleave(length).expand(batch, -1).clone()
+        return Episodes(x, torch.stack(ys), segment, torch.stack(presentations), self.kind)
+
+
+# ---------------------------------------------------------------------- regression
+class RegressionFamily(TaskFamily):
+    """Functions linear in a fixed basis φ(x): y = φ(x)ᵀβ, β drawn per task."""
+
+    kind = "regression"
+    num_outputs = 1
+    dim = 1
+
+    def basis(self, x: torch.Tensor) -> torch.Tensor:
+        """φ(x): (..., dim) -> (..., basis size)."""
+        raise NotImplementedError
+
+    def draw_coefficients(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """β for n functions: (n, basis size)."""
+        raise NotImplementedError
+
+    def draw_inputs(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and covariance of β (estimated once from 200,000 draws, fixed seed)."""
+        if not hasattr(self, "_prior"):
+            beta = self.draw_coefficients(200_000, torch.Generator().manual_seed(0)).double()
+            mean = beta.mean(0)
+            centred = beta - mean
+            self._prior = (mean, centred.T @ centred / (beta.shape[0] - 1))
+        return self._prior
+
+    def sample(self, batch, length, segments, generator, split="meta") -> Episodes:
+        _check_split(split)
+        # each split its own stream of draws: a held-out episode never replays a meta one
+        offset = torch.randint(2**62, (1,), generator=generator).item()
+        g = torch.Generator().manual_seed((offset * 2 + SPLITS.index(split)) % 2**63)
+        beta = self.draw_coefficients(batch * segments, g).view(batch, segments, -1)
+        x = self.draw_inputs((batch, segments * length, self.dim), g)
+        phi = self.basis(x).view(batch, segments, length, -1)
+        y = (phi * beta.unsqueeze(2)).sum(-1).reshape(batch, segments * length)
+        segment = torch.arange(segments).repeat_interleave(length).expand(batch, -1).clone()
+        presentation = torch.arange(length).repeat(segments).expand(batch, -1).clone()
+        return Episodes(x, y.float(), segment, presentation, self.kind, beta)
+
+
+@register_family("sine")
+class Sine(RegressionFamily):
+    """y = A·sin(x − φ) = (A cos φ)·sin x − (A sin φ)·cos x: basis (sin x, cos x)."""
+
+    input_shape = (1,)
+    dim = 1
+    amplitude = (0.1, 5.0)
+    phase = (0.0, math.pi)
+    x_range = (-5.0, 5.0)
+
+    def basis(self, x):
+        return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
+
+    def draw_coefficients(self, n, generator):
+        a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * torch.rand(
+            n, generator=generator
+        )
+        p = self.phase[0] + (self.phase[1] - self.phase[0]) * torch.rand(n, generator=generator)
+        return torch.stack([a * torch.cos(p), -a * torch.sin(p)], dim=1)
+
+    def draw_inputs(self, shape, generator):
+        low, high = self.x_range
+        return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+@register_family("linear")
+class Linear(RegressionFamily):
+    """y = wᵀx + b: basis (x, 1), w ~ N(0, I), b ~ N(0, 1), x ~ U[−1, 1]^dim."""
+
+    def __init__(self, dim: int = 4):
+        if dim < 1:
+            raise ValueError(f"meta_training.dim={dim} is not accepted; expected >= 1")
+        self.dim = int(dim)
+        self.input_shape = (self.dim,)
+
+    def basis(self, x):
+        return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+    def draw_coefficients(self, n, generator):
+        return torch.randn(n, self.dim + 1, generator=generator)
+
+    def draw_inputs(self, shape, generator):
+        return 2 * torch.rand(shape, generator=generator) - 1
+
+    def prior(self):
+        size = self.dim + 1
+        return torch.zeros(size, dtype=torch.float64), torch.eye(size, dtype=torch.float64)
+
+
+def bayes_linear_predictions(
+    family: RegressionFamily, episodes: Episodes, noise: float = 1e-4
+) -> torch.Tensor:
+    """The oracle's prediction for every sample from the samples of its segment seen before it.
+
+    Posterior mean of β under the family's Gaussian prior N(m, S) and observation noise
+    ``noise`` (variance), given the k earlier (x, y) of the same segment; at k = 0 the prior
+    mean's prediction. Returns (B, T).
+    """
+    mean, cov = family.prior()
+    precision0 = torch.linalg.inv(cov)
+    phi = family.basis(episodes.x.double())  # (B, T, P)
+    y = episodes.y.double()
+    out = torch.empty_like(y)
+    for b in range(episodes.batch):
+        for t in range(episodes.length):
+            same = (episodes.segment[b, :t] == episodes.segment[b, t]).nonzero().squeeze(1)
+            f = phi[b, same]
+            precision = precision0 + f.T @ f / noise
+            rhs = precision0 @ mean + f.T @ y[b, same] / noise
+            beta = torch.linalg.solve(precision, rhs)
+            out[b, t] = phi[b, t] @ beta
+    return out.float()
+
+
+def build_family(name: str, **kwargs) -> TaskFamily:
+    """The family registered as ``name``, built with the keyword arguments it accepts."""
+    if name not in FAMILIES:
+        raise ValueError(
+            f"meta_training.family={name!r} is unknown; accepted: {', '.join(FAMILIES)}"
+        )
+    cls = FAMILIES[name]
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
