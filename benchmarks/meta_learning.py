@@ -50,7 +50,7 @@ K_FEEDBACKS = [0, 1, 2, 4, 9, 19]
 PRESENTATIONS = [0, 1, 2, 3, 4, 9]  # 1st, 2nd, 3rd, 4th, 5th, 10th
 EVAL_EPISODES = 200
 SINE = {"hidden": 64, "steps": 6000, "batch": 16, "length": 20, "lr": 3e-3, "truncation": 20}
-DIGITS = {"hidden": 128, "steps": 12000, "batch": 16, "length": 50, "lr": 2e-3,
+DIGITS = {"hidden": 128, "steps": 16000, "batch": 16, "length": 50, "lr": 2e-3,
           "truncation": 50, "ways": 5, "source": "digits", "segments": 2}  # fmt: skip
 SGD_STEPS, SGD_LR = 10, 0.01
 SGD_PRETRAIN_STEPS = 2000
