@@ -213,6 +213,7 @@ def _compute(
 ) -> Iterator[dict[str, Any]]:
     from learners.base import TrainingStopped
 
+    computing = time.perf_counter()  # after any wait for another worker's lock
     partial = folder / f"{key}.partial.pt" if folder is not None else None
     curve: list[list[float]] = []
     spent = 0.0  # compute seconds of earlier attempts
@@ -230,7 +231,7 @@ def _compute(
     def save_partial() -> None:
         if partial is not None:
             state = {"phase": phase.state_dict(), "curve": curve,
-                     "seconds": spent + time.perf_counter() - started}  # fmt: skip
+                     "seconds": spent + time.perf_counter() - computing}  # fmt: skip
             _atomic_save(state, partial)
 
     while phase.done_steps < total:
@@ -247,7 +248,7 @@ def _compute(
         if partial is not None and time.perf_counter() - last_save >= CHECKPOINT_EVERY_S:
             save_partial()
             last_save = time.perf_counter()
-    seconds = spent + time.perf_counter() - started
+    seconds = spent + time.perf_counter() - computing
     result = phase.result()
     if folder is not None:
         _atomic_save({"result": result, "curve": curve, "steps": total, "seconds": seconds},
