@@ -44,11 +44,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from task_streams.sources import load_source
 
 SPLITS = ("meta", "heldout")
 _HASH_PRIME = 1_000_003
+_HASH_MODULUS = 2**31 - 1
 
 
 @dataclass
@@ -126,12 +128,17 @@ def _presentations(labels: torch.Tensor) -> torch.Tensor:
     return before.gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
-def class_set_parity(classes: list[int]) -> int:
-    """0 or 1: the fixed hash of a set of classes that cuts the sets in two halves."""
-    h = 0
-    for c in sorted(classes):
-        h = (h * _HASH_PRIME + c * 997 + 1) % (2**61 - 1)
-    return (h >> 7) & 1
+def class_set_parity(classes: torch.Tensor | list[int]) -> torch.Tensor | int:
+    """0 or 1: a fixed hash of each set of classes (rows of a 2-D tensor, or one list), which
+    cuts the sets in two halves. Exact in int64 (modulus 2^31 − 1)."""
+    single = not isinstance(classes, torch.Tensor)
+    rows = torch.as_tensor(classes, dtype=torch.int64)
+    rows = rows.unsqueeze(0) if single else rows
+    h = torch.zeros(rows.shape[0], dtype=torch.int64)
+    for c in rows.sort(dim=1).values.T:
+        h = (h * _HASH_PRIME + c * 997 + 1) % _HASH_MODULUS
+    parity = (h >> 7) & 1
+    return int(parity[0]) if single else parity
 
 
 # ---------------------------------------------------------------------- random labels
@@ -170,18 +177,32 @@ class RandomLabels(TaskFamily):
             "heldout": self._by_class(data.x_test, data.y_test),
         }
 
-    def _by_class(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    def _by_class(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool as (classes, most per class, *shape), zero-padded, and each class's count."""
         x = x.reshape(x.shape[0], *self.input_shape)
-        return [x[y == c] for c in range(self.num_classes)]
+        counts = torch.bincount(y, minlength=self.num_classes)
+        padded = x.new_zeros(self.num_classes, int(counts.max()), *self.input_shape)
+        for c in range(self.num_classes):
+            padded[c, : int(counts[c])] = x[y == c]
+        return padded, counts
 
-    def _mapping(self, generator: torch.Generator, split: str) -> tuple[list[int], list[int]]:
-        """A class set of the split's half, and a uniformly random assignment of labels."""
+    def _mappings(
+        self, n: int, generator: torch.Generator, split: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n class sets of the split's half, (n, ways), and for each a uniformly random
+        assignment of label slots, (n, ways)."""
         want = 0 if split == "meta" else 1
-        while True:
-            classes = torch.randperm(self.num_classes, generator=generator)[: self.ways].tolist()
-            if self.ways == self.num_classes or class_set_parity(classes) == want:
-                break
-        labels = torch.randperm(self.num_outputs, generator=generator)[: self.ways].tolist()
+        rows: list[torch.Tensor] = []
+        kept = 0
+        while kept < n:  # rejection, vectorised: about half the draws are kept
+            draw = torch.rand(2 * n + 8, self.num_classes, generator=generator).argsort(1)
+            draw = draw[:, : self.ways]
+            if self.ways < self.num_classes:
+                draw = draw[class_set_parity(draw) == want]
+            rows.append(draw)
+            kept += draw.shape[0]
+        classes = torch.cat(rows)[:n]
+        labels = torch.rand(n, self.num_outputs, generator=generator).argsort(1)[:, : self.ways]
         return classes, labels
 
     def sample(self, batch, length, segments, generator, split="meta") -> Episodes:
@@ -191,29 +212,31 @@ class RandomLabels(TaskFamily):
                 f"meta_training.episode_length={length} is shorter than ways={self.ways}; "
                 f"expected at least {self.ways} samples per task"
             )
-        pools = self._pools[split]
-        xs, ys, presentations = [], [], []
-        for _ in range(batch):
-            ex, ey, ep = [], [], []
-            for _ in range(segments):
-                classes, labels = self._mapping(generator, split)
-                slots = torch.arange(length) % self.ways  # balanced: each class length//ways+
-                slots = slots[torch.randperm(length, generator=generator)]
-                images = torch.empty(length, *self.input_shape, dtype=pools[0].dtype)
-                for k, c in enumerate(classes):
-                    where = (slots == k).nonzero().squeeze(1)
-                    pool = pools[c]
-                    pick = torch.randperm(pool.shape[0], generator=generator)[: where.numel()]
-                    images[where] = pool[pick]
-                ex.append(images)
-                ey.append(torch.tensor(labels)[slots])
-                ep.append(_presentations(slots))
-            xs.append(torch.cat(ex))
-            ys.append(torch.cat(ey))
-            presentations.append(torch.cat(ep))
-        x = torch.stack(xs).to(torch.float32).div_(255.0)
+        pool, counts = self._pools[split]
+        n = batch * segments  # tasks to draw, each `length` samples
+        classes, labels = self._mappings(n, generator, split)
+        # balanced: slot k (the task's k-th class) appears length // ways or one more times
+        order = torch.rand(n, length, generator=generator).argsort(1)
+        slots = (torch.arange(length) % self.ways)[order]  # (n, length)
+        onehot = F.one_hot(slots, self.ways)
+        presentation = ((onehot.cumsum(1) - onehot) * onehot).sum(-1)  # earlier same-slot
+        # distinct images per (task, class): a random order of the class's pool, read in turn
+        need = int(onehot.sum(1).max())
+        if need > int(counts[classes].min()):
+            raise ValueError(
+                f"a class of {self.source!r} ({split} pool) has fewer than {need} images; "
+                "shorten meta_training.episode_length"
+            )
+        keys = torch.rand(n, self.ways, pool.shape[1], generator=generator)
+        keys[torch.arange(pool.shape[1]) >= counts[classes].unsqueeze(-1)] = 2.0  # padding last
+        picks = keys.topk(need, dim=-1, largest=False).indices  # (n, ways, need), random order
+        image = picks[torch.arange(n).unsqueeze(1), slots, presentation]  # (n, length)
+        x = pool[classes.gather(1, slots), image]  # (n, length, *shape)
+        shape = (batch, segments * length)
+        x = x.reshape(*shape, *self.input_shape).to(torch.float32).div_(255.0)
+        y = labels.gather(1, slots).reshape(shape)
         segment = torch.arange(segments).repeat_interleave(length).expand(batch, -1).clone()
-        return Episodes(x, torch.stack(ys), segment, torch.stack(presentations), self.kind)
+        return Episodes(x, y, segment, presentation.reshape(shape), self.kind)
 
 
 # ---------------------------------------------------------------------- regression
