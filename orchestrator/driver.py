@@ -34,6 +34,7 @@ from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import plots
 from orchestrator.config import REUSE_MODES, ExperimentConfig, RunSpec, expand_runs, to_yaml
+from orchestrator.pool import note_interrupt
 from orchestrator.progress import summary_table
 from orchestrator.results import (
     RunResult,
@@ -193,6 +194,7 @@ def stop_ray(started_ray: bool, sigterm: Any) -> None:
         ray.shutdown()
     if sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)
+        note_interrupt(None)  # handled by now: not for a later invocation in this process
 
 
 def sigterm_interrupts() -> Any:
@@ -204,8 +206,10 @@ def sigterm_interrupts() -> Any:
         return None
 
     def interrupt(signum: int, frame: object) -> None:
+        note_interrupt(signum)  # re-raised by the pool's loop if this raise is swallowed
         raise KeyboardInterrupt(f"signal {signum}")
 
+    note_interrupt(None)
     previous = signal.signal(signal.SIGTERM, interrupt)
     return signal.SIG_DFL if previous is None else previous
 

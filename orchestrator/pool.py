@@ -85,6 +85,25 @@ class _Live:
     stop_requested_at: float | None = None
 
 
+_interrupt: dict[str, int | None] = {"signal": None}
+
+
+def note_interrupt(signum: int | None) -> None:
+    """Record (or, with None, clear) a signal that must end the loop of :meth:`ActorPool.run`.
+
+    A signal handler that raises KeyboardInterrupt can be lost: when the signal lands while
+    Python runs a weakref callback or a ``__del__``, the exception is printed as "ignored" and
+    the program goes on. The loop re-raises a recorded signal at its next turn."""
+    _interrupt["signal"] = signum
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a signal was recorded by :func:`note_interrupt` (then cleared)."""
+    signum, _interrupt["signal"] = _interrupt["signal"], None
+    if signum is not None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
 class ActorPool:
     """Dispatch jobs to at most ``size`` actors made by ``new_actor``; see the module doc."""
 
@@ -167,6 +186,7 @@ class ActorPool:
         self._callbacks = callbacks
         try:
             while True:
+                raise_if_interrupted()
                 callbacks.tick(self)
                 if not self.busy and (until_idle is None or until_idle()):
                     break

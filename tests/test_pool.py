@@ -106,3 +106,21 @@ def test_the_session_refuses_an_event_of_unknown_kind():
 
     with pytest.raises(ValueError, match="unknown kind 'bogus'; known kinds: start, init"):
         RunSession.event(None, Job("k", "some-run", ()), {"kind": "bogus"})
+
+
+def test_a_signal_whose_exception_was_swallowed_still_ends_the_loop(new_actor):
+    """A SIGTERM landing in a weakref callback loses its KeyboardInterrupt ("Exception
+    ignored"); the recorded signal ends the pool's loop at its next turn all the same."""
+    from orchestrator.pool import note_interrupt
+
+    class SwallowedSignal(Recorder):
+        def event(self, job, event):
+            note_interrupt(15)  # what the handler records before its raise is lost
+            return super().event(job, event)
+
+    waiting = Job("w", "waiting", ([("event", {"kind": "go"}), ("wait_for_stop", 60)],))
+    callbacks = SwallowedSignal()
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        _run(new_actor, [waiting], callbacks)
+    assert callbacks.events["waiting"] == [{"kind": "go"}]
+    _run(new_actor, [Job("n", "next", ([("event", {"kind": "a"})],))], Recorder())  # cleared
