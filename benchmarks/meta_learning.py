@@ -25,7 +25,7 @@ init, episodes and evaluation episodes), 95% t-intervals over the seeds.
 4. **Meta-training time** per model and where it goes (sampling episodes / the LSTM's forward,
    backward and step), on this machine's CPU and, with --device cuda, on a GPU.
 
-    python benchmarks/meta_learning.py --write   # full (SEEDS, ~25 minutes here)
+    python benchmarks/meta_learning.py --write   # full (SEEDS, ~20 minutes here)
     python benchmarks/meta_learning.py --quick   # 2 seeds, short meta-training (< 2 minutes)
 
 Ends with `name: value` lines; --write puts the tables in docs/meta_learning.md.

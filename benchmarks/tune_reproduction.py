@@ -115,6 +115,8 @@ def main() -> int:
         N_TRIALS, SPACES = QUICK["N_TRIALS"], QUICK["SPACES"]
         GEM_PROTOCOL_SPACES = QUICK["GEM_PROTOCOL_SPACES"]
         scenarios, epochs = QUICK["SCENARIOS"], QUICK["SPLIT_EPOCHS"]
+    from learners import learner_class
+
     started = time.time()
     studies = []  # (key in TUNED_FILE, stream, label -> fixed settings, label -> space, ...)
     if GEM_PROTOCOL_SPACES:
@@ -125,7 +127,7 @@ def main() -> int:
         studies.append(("gem", stream, fixed, GEM_PROTOCOL_SPACES, [100, 100], reproduce.SGD))
     for scenario in scenarios:
         stream = {"name": "split", "source": "mnist5k", "num_tasks": 5, "scenario": scenario}
-        labels = [m for m in SPACES if scenario in _learner(m).SCENARIOS]
+        labels = [m for m in SPACES if scenario in learner_class(m).SCENARIOS]
         fixed = {m: _fixed(reproduce.METHOD_SETTINGS, m, SPACES[m]) for m in labels}
         spaces = {m: _space(m, SPACES[m]) for m in labels}
         train = {**reproduce.ADAM, "epochs": epochs}
@@ -158,12 +160,6 @@ def main() -> int:
 def _fixed(settings: dict, method: str, tuned_keys) -> dict:
     """The protocol's settings for ``method`` without the keys being tuned."""
     return {k: v for k, v in settings.get(method, {}).items() if k not in tuned_keys}
-
-
-def _learner(method: str):
-    from learners import LEARNERS
-
-    return LEARNERS[method]
 
 
 def _plain(value):

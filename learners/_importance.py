@@ -50,16 +50,16 @@ def all_linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:
 def linear_per_sample_sum(
     model: nn.Module,
     layers: dict[str, nn.Linear],
-    summed_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    t: torch.Tensor,
+    summed_loss: Callable[..., torch.Tensor],
+    data: tuple[torch.Tensor, ...],
     transform: Callable[[torch.Tensor], torch.Tensor],
     chunk: int,
 ) -> dict[str, torch.Tensor]:
     """Σ_i transform(∂ℓ_i/∂θ) over the samples, for a network whose trainable parameters are
     all linear layers', from one ordinary backward pass per chunk (no per-sample gradients).
 
-    ``summed_loss(x_chunk, t_chunk)`` runs the model and returns Σ_i ℓ_i, sample i's loss
+    ``summed_loss(*chunk)``, given the same rows of every tensor of ``data`` (inputs first),
+    runs the model and returns Σ_i ℓ_i, sample i's loss
     depending on sample i only (eval mode: no batch coupling). Sample i's gradient of a linear
     layer's weight is the outer product g_i a_iᵀ of the gradient at the layer's output and the
     layer's input; for an elementwise ``transform`` that is multiplicative, T(g·a) = T(g)·T(a)
@@ -80,10 +80,9 @@ def linear_per_sample_sum(
     names = list(layers)
     handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
     try:
-        for start in range(0, int(x.shape[0]), chunk):
-            xc, tc = x[start : start + chunk], t[start : start + chunk]
+        for start in range(0, int(data[0].shape[0]), chunk):
             with torch.enable_grad():
-                loss = summed_loss(xc, tc)
+                loss = summed_loss(*(v[start : start + chunk] for v in data))
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, grads, strict=True):
                 a, tg = inputs[name].detach(), transform(g.detach())

@@ -140,19 +140,14 @@ class EWC(Learner):
         self, layers: dict[str, nn.Linear], x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The Fisher of an all-linear network in closed form: Σ_i g_i² a_i²ᵀ = (g²)ᵀ(a²)."""
-        labels = iter(
-            y[start : start + LINEAR_FISHER_CHUNK]
-            for start in range(0, int(y.shape[0]), LINEAR_FISHER_CHUNK)
-        )
 
-        def summed_nll(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-            yc = next(labels)
+        def summed_nll(xc: torch.Tensor, yc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
             if self.hparams.fisher_type == "true":
                 yc = self._sample_labels(xc, tc)
             return F.cross_entropy(self.logits(xc, tc), yc, reduction="sum")
 
         total = linear_per_sample_sum(
-            self.model, layers, summed_nll, x, t, torch.square, LINEAR_FISHER_CHUNK
+            self.model, layers, summed_nll, (x, y, t), torch.square, LINEAR_FISHER_CHUNK
         )
         return {n: v / max(int(y.shape[0]), 1) for n, v in total.items()}
 

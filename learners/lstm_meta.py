@@ -22,7 +22,8 @@ loss on each *new* input before its feedback arrives — by truncated backpropag
 time (``truncation`` samples per chunk, the state carried across chunks with the gradient
 cut). Not on "Loss_0 − Loss_n", which is maximised by making Loss_0 huge (a prototype here
 reached ~2×10^5), and never by re-showing an input after its label (that measures copying).
-The first-exposure loss (Loss_0) and the last one are recorded as diagnostics only.
+The loss on each episode's first sample (Loss_0) and on its last (Loss_n) are logged beside
+it as diagnostics only (``meta_training.first_loss`` / ``.last_loss``).
 
 **As a learner** (``lstm_meta``): ``learn(task)`` feeds ``samples_per_task`` of the task's
 training samples (input step, then feedback steps), in a random order drawn with the learner's
@@ -212,7 +213,7 @@ class MetaTraining(Phase):
     def __init__(self, learner: LSTMMeta):
         self.learner = learner
         self.config = learner.meta_config
-        self.family = family_for(self.config, learner.info)
+        self._family: TaskFamily | None = None  # built at the first step: not when cached
         with torch.random.fork_rng(devices=[]):  # weights from the meta seed, not the run's
             torch.manual_seed(self.config.seed)
             learner.model = learner.build_model().to(learner.device)
@@ -227,9 +228,13 @@ class MetaTraining(Phase):
     def done_steps(self) -> int:
         return self._done
 
-    def step(self) -> float:
+    def step(self) -> dict[str, float]:
+        """One meta-gradient pass over a batch of episodes: the prequential loss, and the
+        first- and last-exposure losses (Loss_0 and Loss_n, diagnostics only)."""
         cfg = self.config
-        episodes = self.family.sample(
+        if self._family is None:
+            self._family = family_for(cfg, self.learner.info)
+        episodes = self._family.sample(
             cfg.batch, cfg.episode_length, cfg.segments, self.generator, "meta"
         ).to(self.learner.device)
         stats = meta_step(
@@ -237,7 +242,7 @@ class MetaTraining(Phase):
             cfg.truncation, cfg.clip,
         )  # fmt: skip
         self._done += 1
-        return stats["loss"]
+        return stats
 
     def key_payload(self) -> dict[str, Any]:
         hparams = as_dict(self.learner.hparams)
@@ -340,13 +345,6 @@ class LSTMMeta(Learner):
             _, self.state = self.model(seq, self.state)
         self.tasks_learned += 1
         return {"steps": 0, "train_samples": int(order.numel())}
-
-    def learn(self, task: Task, should_stop=None) -> dict[str, Any]:
-        self._should_stop = should_stop
-        try:
-            return self._learn(task)
-        finally:
-            self._should_stop = None
 
     def logits(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One input step per query from the current state's snapshot (no feedback, no query

@@ -93,7 +93,7 @@ class MAS(ImportancePenalty):
         self.model.eval()
         try:
             total = linear_per_sample_sum(
-                self.model, layers, summed_squared_norm, x, t, torch.abs, LINEAR_CHUNK
+                self.model, layers, summed_squared_norm, (x, t), torch.abs, LINEAR_CHUNK
             )
         finally:
             self.model.train(was_training)

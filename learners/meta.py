@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from learners.hparams import as_dict, hp
+from learners.hparams import hp
 from task_streams.families import FAMILIES
 
 CHECKPOINT_EVERY_S = 20.0  # partial state written at most this often (and when stopped)
@@ -85,8 +85,8 @@ class Phase:
     def total_steps(self) -> int:
         raise NotImplementedError
 
-    def step(self) -> float:
-        """One step; its loss."""
+    def step(self) -> dict[str, float]:
+        """One step; its metrics (``loss`` required; others are diagnostics)."""
         raise NotImplementedError
 
     @property
@@ -120,7 +120,9 @@ def phase_key(phase: Phase, code: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    leaves the previous file (or none) at ``path``, never a truncated one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -133,24 +135,22 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, should_stop: Callable[[], bool] | None) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path``; yields whether another holder had to be waited for.
-    The OS drops the lock when its process dies, so a killed worker never leaves it held."""
+def _locked(path: Path, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``, waiting for another holder (a stop request ends the
+    wait). The OS drops the lock when its process dies, so a killed worker never leaves it held."""
     from learners.base import TrainingStopped
 
     with open(path, "a+") as handle:
-        waited = False
         while True:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                waited = True
                 if should_stop is not None and should_stop():
                     raise TrainingStopped("stopped waiting for another worker's phase") from None
                 time.sleep(LOCK_POLL_S)
         try:
-            yield waited
+            yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -163,11 +163,13 @@ def run_phase(
 ) -> Iterator[dict[str, Any]]:
     """Run ``phase`` (or fetch its cached result) and apply the result; yields ``phase`` events.
 
-    Events: ``{"kind": "phase", "phase": name, "key": ..., "event": "progress", "step": k,
-    "steps": n, "loss": x}`` about CURVE_POINTS times, then ``"event": "done"`` with
+    Events: ``{"kind": "phase", "phase": name, "key": ..., "event": "progress", "steps": n,
+    "point": {"step": k, "loss": x, ...}}`` about CURVE_POINTS times (each metric of
+    :meth:`Phase.step` averaged since the previous point), then ``"event": "done"`` with
     ``cached`` (True when the result came from the cache), ``resumed_from`` (the step a partial
-    state resumed from, or None), ``seconds`` (spent here) and the whole ``curve`` ([step, loss]
-    pairs, also for a cached result).
+    state resumed from, or None), ``seconds`` (spent here), ``compute_seconds`` (spent
+    computing it, over every attempt) and the whole ``curve`` (the points, also for a cached
+    result).
     """
     key = phase_key(phase, code)
     base = {"kind": "phase", "phase": phase.name, "key": key}
@@ -215,43 +217,44 @@ def _compute(
 
     computing = time.perf_counter()  # after any wait for another worker's lock
     partial = folder / f"{key}.partial.pt" if folder is not None else None
-    curve: list[list[float]] = []
+    curve: list[dict[str, float]] = []
     spent = 0.0  # compute seconds of earlier attempts
     resumed_from = None
     if partial is not None and partial.exists():
         saved = torch.load(partial, weights_only=True)
         phase.load_state_dict(saved["phase"])
-        curve, spent = [list(p) for p in saved["curve"]], float(saved["seconds"])
+        curve, spent = list(saved["curve"]), float(saved["seconds"])
         resumed_from = phase.done_steps
     total = phase.total_steps()
     every = max(1, total // CURVE_POINTS)
-    window: list[float] = []
+    window: list[dict[str, float]] = []
     last_save = time.perf_counter()
 
     def save_partial() -> None:
         if partial is not None:
             state = {"phase": phase.state_dict(), "curve": curve,
                      "seconds": spent + time.perf_counter() - computing}  # fmt: skip
-            _atomic_save(state, partial)
+            atomic_save(state, partial)
 
     while phase.done_steps < total:
         if should_stop is not None and should_stop():
             save_partial()
             raise TrainingStopped(f"stopped during {phase.name} at step {phase.done_steps}")
-        window.append(float(phase.step()))
+        window.append(phase.step())
         k = phase.done_steps
         if k % every == 0 or k == total:
-            point = [k, sum(window) / len(window)]
+            point = {"step": k}
+            point.update({m: sum(w[m] for w in window) / len(window) for m in window[0]})
             window = []
             curve.append(point)
-            yield {**base, "event": "progress", "step": k, "steps": total, "loss": point[1]}
+            yield {**base, "event": "progress", "steps": total, "point": point}
         if partial is not None and time.perf_counter() - last_save >= CHECKPOINT_EVERY_S:
             save_partial()
             last_save = time.perf_counter()
     seconds = spent + time.perf_counter() - computing
     result = phase.result()
     if folder is not None:
-        _atomic_save({"result": result, "curve": curve, "steps": total, "seconds": seconds},
+        atomic_save({"result": result, "curve": curve, "steps": total, "seconds": seconds},
                      folder / f"{key}.pt")  # fmt: skip
         with contextlib.suppress(OSError):
             partial.unlink()
@@ -266,8 +269,3 @@ def _compute(
         "compute_seconds": seconds,
         "curve": curve,
     }
-
-
-def config_dict(config: MetaTrainingConfig) -> dict[str, Any]:
-    """The section as a plain dict (run keys, phase keys, MLflow params)."""
-    return as_dict(config)

@@ -10,12 +10,13 @@ The folder must be reachable by every actor (a shared filesystem on a cluster).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from learners.meta import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def save(root: str | Path, run_key: str, learner_state: dict, events: list[dict]
     folder = run_dir(root, run_key)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILENAME
-    partial = folder / f".{FILENAME}.{os.getpid()}.partial"
-    torch.save({"format": 1, "learner": learner_state, "events": events}, partial)
-    os.replace(partial, path)
+    atomic_save({"format": 1, "learner": learner_state, "events": events}, path)
     return path
 
 

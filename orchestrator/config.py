@@ -453,17 +453,16 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(
             str(err) if str(err).startswith("stream.") else f"stream: {err}"
         ) from None
-    check_ranges(config.meta_training, "meta_training.")
-    for spec in method_specs(config):  # a method that cannot learn this stream, said why
-        where = f"methods.{spec.label} on stream {stream.name} ({stream.source})"
-        cls = learner_class(spec.method)
-        cls.check_scenario(info.scenario, where)
-        cls.check_setup(info, config.meta_training, where)
     # every section: declared ranges (hp() fields), and every float finite (no nan / inf)
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{section.name}.")
+    for spec in method_specs(config):  # a method that cannot learn this stream, said why
+        where = f"methods.{spec.label} on stream {stream.name} ({stream.source})"
+        cls = learner_class(spec.method)
+        cls.check_scenario(info.scenario, where)
+        cls.check_setup(info, config.meta_training, where)
     r = config.resources
     if r.cpus_per_run <= 0:
         raise ConfigError(f"resources.cpus_per_run={r.cpus_per_run} must be > 0")

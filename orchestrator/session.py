@@ -482,12 +482,11 @@ class RunSession:
     def _on_phase(self, state: RunState, event: dict[str, Any]) -> bool:
         """Meta-training progress: its loss curve to MLflow, and a line when it ends."""
         name = event["phase"]
-        progress = event["event"] == "progress"
-        points = [[event["step"], event["loss"]]] if progress else event["curve"]
-        points = [p for p in points if p[0] > state.phase_logged_step]
+        points = [event["point"]] if event["event"] == "progress" else event["curve"]
+        points = [p for p in points if p["step"] > state.phase_logged_step]
         if points:
             self.tracker.log_phase_curve(state.run_id, name, points)
-            state.phase_logged_step = int(points[-1][0])
+            state.phase_logged_step = int(points[-1]["step"])
         if event["event"] == "done":
             self.tracker.log_phase_done(state.run_id, event)
             how = (

@@ -303,12 +303,16 @@ class Tracker:
             ],
         )
 
-    def log_phase_curve(self, run_id: str, phase: str, points: list[list[float]]) -> None:
-        """Points of a phase's loss curve: metric ``<phase>.loss`` at each step."""
+    def log_phase_curve(self, run_id: str, phase: str, points: list[dict[str, float]]) -> None:
+        """Points of a phase's curve: metric ``<phase>.<name>`` (loss, diagnostics) per step."""
         ts = _now_ms()
-        self._log_metrics(
-            run_id, [Metric(f"{phase}.loss", float(loss), ts, int(step)) for step, loss in points]
-        )
+        metrics = [
+            Metric(f"{phase}.{name}", float(value), ts, int(point["step"]))
+            for point in points
+            for name, value in point.items()
+            if name != "step"
+        ]
+        self._log_metrics(run_id, metrics)
 
     def log_phase_done(self, run_id: str, event: dict[str, Any]) -> None:
         """A finished phase: its key, whether it came from the cache, its cost."""

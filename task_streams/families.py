@@ -39,6 +39,7 @@ against.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,13 +120,6 @@ def register_family(name: str) -> Callable:
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not accepted; expected one of {SPLITS}")
-
-
-def _presentations(labels: torch.Tensor) -> torch.Tensor:
-    """For each position, how many earlier positions hold the same label (1-D tensor)."""
-    onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1)
-    before = onehot.cumsum(0) - onehot
-    return before.gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
 def class_set_parity(classes: torch.Tensor | list[int]) -> torch.Tensor | int:
@@ -362,7 +356,5 @@ def build_family(name: str, **kwargs) -> TaskFamily:
             f"meta_training.family={name!r} is unknown; accepted: {', '.join(FAMILIES)}"
         )
     cls = FAMILIES[name]
-    import inspect
-
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})

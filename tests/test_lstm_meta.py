@@ -105,12 +105,17 @@ def test_a_prediction_never_sees_its_own_ground_truth(kind):
     assert not torch.allclose(out[:, 1:], withheld[:, 1:])
 
 
-def test_truncated_bptt_carries_the_state_and_cuts_the_gradient():
+def test_truncated_bptt_carries_the_state_and_steps_once_per_chunk():
     model, episodes = _episodes("classification", batch=4, length=12)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: compare losses, not steps
+    steps = []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
     whole = meta_step(model, opt, episodes, 1, truncation=12, clip=1.0)
+    assert len(steps) == 1
     chunked = meta_step(model, opt, episodes, 1, truncation=5, clip=1.0)
-    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)  # same state, same values
+    assert len(steps) == 1 + 3  # chunks of 5, 5 and 2 samples
+    # the state crosses the chunks: a fresh state per chunk would change the later losses
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     out, _ = prequential(model, episodes, 1)
     losses = sample_losses(model, out, episodes.y)
     assert whole["first_loss"] == pytest.approx(losses[:, 0].mean().item(), rel=1e-5)
@@ -144,7 +149,8 @@ def test_learn_changes_no_weight_and_predict_reads_a_snapshot_of_the_state():
 def test_a_phase_is_cached_by_its_key_and_a_second_seed_reuses_it(tmp_path):
     first, _, events = _trained_learner(seed=0, cache=tmp_path)
     assert events[-1]["event"] == "done" and events[-1]["cached"] is False
-    assert [e["step"] for e in events[:-1]] == list(range(1, 3))  # 8 episodes / 4 per step
+    assert [e["point"]["step"] for e in events[:-1]] == [1, 2]  # 8 episodes / 4 per step
+    assert set(events[0]["point"]) == {"step", "loss", "first_loss", "last_loss"}
     second, _, again = _trained_learner(seed=1, cache=tmp_path)
     assert [e["event"] for e in again] == ["done"] and again[0]["cached"] is True
     assert again[0]["key"] == events[-1]["key"]
@@ -181,7 +187,7 @@ def test_a_killed_worker_resumes_meta_training_where_its_checkpoint_left_it(tmp_
     assert list(tmp_path.glob("*.partial.pt")) and not finals
     resumed = build_learner("lstm_meta", stream.info, TINY, seed=5, meta=meta)
     events = list(run_phase(resumed.phase(), tmp_path))
-    assert events[0]["step"] == 4  # steps 1-3 were not trained again
+    assert events[0]["point"]["step"] == 4  # steps 1-3 were not trained again
     assert events[-1]["resumed_from"] == 3 and events[-1]["cached"] is False
     for k, v in reference.model.state_dict().items():  # bit-identical to the uninterrupted run
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -265,8 +271,9 @@ def test_lia_run_meta_trains_once_for_two_seeds_and_logs_the_curve(tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.tags["meta_training.cached"] for r in runs) == ["false", "true"]
     assert len({r.data.tags["meta_training.key"] for r in runs}) == 1
-    for run in runs:  # both show the curve: 10 steps of 4 episodes
-        history = client.get_metric_history(run.info.run_id, "meta_training.loss")
-        assert [m.step for m in history] == list(range(1, 11))
+    for run in runs:  # both show the curve (10 steps of 4 episodes) and its diagnostics
+        for metric in ("loss", "first_loss", "last_loss"):
+            history = client.get_metric_history(run.info.run_id, f"meta_training.{metric}")
+            assert [m.step for m in history] == list(range(1, 11)), metric
     cached = list((tmp_path / "checkpoints" / "phases").glob("*.pt"))
     assert len(cached) == 1 and not cached[0].name.endswith(".partial.pt")
