@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import plots
 from orchestrator.config import REUSE_MODES, ExperimentConfig, RunSpec, expand_runs, to_yaml
-from orchestrator.pool import note_interrupt
+from orchestrator.pool import interrupted, note_interrupt
 from orchestrator.progress import summary_table
 from orchestrator.results import (
     RunResult,
@@ -56,7 +57,7 @@ __all__ = [
     "ExperimentResult",
     "execute",
     "plan_actors",
-    "sigterm_interrupts",
+    "interrupt_on_signals",
     "stop_ray",
     "summary_table",
 ]
@@ -129,7 +130,7 @@ def execute(
     if pending:
         started_ray = ensure_ray(config.ray)
         # after ray.init, whose own SIGTERM handler would end the process mid-cleanup
-        sigterm = sigterm_interrupts()
+        sigterm = interrupt_on_signals()
         try:  # a resource request the cluster cannot meet fails before MLflow is touched
             plan = plan_actors(config.resources, len(pending))
         except BaseException:
@@ -188,19 +189,26 @@ def execute(
     )
 
 
-def stop_ray(started_ray: bool, sigterm: Any) -> None:
-    """Shut down the Ray this invocation started, and restore the SIGTERM handler."""
+def stop_ray(started_ray: bool, signals: Any) -> None:
+    """Shut down the Ray this invocation started; restore what :func:`interrupt_on_signals` set."""
     if started_ray:
         ray.shutdown()
-    if sigterm is not None:
-        signal.signal(signal.SIGTERM, sigterm)
+    if signals is not None:
+        handlers, unraisablehook = signals
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = unraisablehook
         note_interrupt(None)  # handled by now: not for a later invocation in this process
 
 
-def sigterm_interrupts() -> Any:
-    """Make SIGTERM (``kill``) end the invocation like Ctrl-C: live runs marked KILLED.
+def interrupt_on_signals() -> Any:
+    """Make SIGTERM (``kill``) end the invocation like Ctrl-C (SIGINT): live runs marked KILLED.
 
-    Returns the handler to restore afterwards (None when not in the main thread).
+    A KeyboardInterrupt raised while Python runs a weakref callback or ``__del__`` is swallowed
+    and printed as an ignored exception with its traceback. So both signals are recorded
+    before the raise (the pool's loop re-raises a recorded one), and that print is dropped;
+    nothing else Python ignores is.
+    Returns what :func:`stop_ray` restores (None when not in the main thread).
     """
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -209,9 +217,19 @@ def sigterm_interrupts() -> Any:
         note_interrupt(signum)  # re-raised by the pool's loop if this raise is swallowed
         raise KeyboardInterrupt(f"signal {signum}")
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        if not (interrupted() and isinstance(info.exc_value, KeyboardInterrupt)):
+            previous_hook(info)
+
     note_interrupt(None)
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return signal.SIG_DFL if previous is None else previous
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signum, interrupt)
+        handlers[signum] = signal.SIG_DFL if previous is None else previous
+    sys.unraisablehook = unraisable
+    return handlers, previous_hook
 
 
 def _reusable(tracker: Tracker, runs: list[RunSpec], reuse: str) -> dict[str, Any]:

@@ -97,6 +97,11 @@ def note_interrupt(signum: int | None) -> None:
     _interrupt["signal"] = signum
 
 
+def interrupted() -> bool:
+    """Whether a signal recorded by :func:`note_interrupt` is waiting to be raised."""
+    return _interrupt["signal"] is not None
+
+
 def raise_if_interrupted() -> None:
     """KeyboardInterrupt if a signal was recorded by :func:`note_interrupt` (then cleared)."""
     signum, _interrupt["signal"] = _interrupt["signal"], None

@@ -34,7 +34,7 @@ from cluster import ensure_ray, plan_actors
 from learners import ConfigError
 from orchestrator import preflight
 from orchestrator.config import ExperimentConfig, RunSpec, expand_runs, load_config, to_yaml
-from orchestrator.driver import sigterm_interrupts, stop_ray
+from orchestrator.driver import interrupt_on_signals, stop_ray
 from orchestrator.liveness import HEARTBEAT_S
 from orchestrator.net import redact
 from orchestrator.results import RunResult
@@ -337,7 +337,7 @@ def sweep(
         uri, experiment, config.tracking.artifact_location, config.tracking.flush_interval_s
     )
     started_ray = ensure_ray(config.ray)
-    sigterm = sigterm_interrupts()  # `kill` ends a sweep like Ctrl-C: trials released
+    sigterm = interrupt_on_signals()  # `kill` ends a sweep like Ctrl-C: trials released
     try:
         plan = plan_actors(config.resources, 10**6)
         tracker.ensure_experiment()

@@ -124,3 +124,44 @@ def test_a_signal_whose_exception_was_swallowed_still_ends_the_loop(new_actor):
         _run(new_actor, [waiting], callbacks)
     assert callbacks.events["waiting"] == [{"kind": "go"}]
     _run(new_actor, [Job("n", "next", ([("event", {"kind": "a"})],))], Recorder())  # cleared
+
+
+def test_a_swallowed_signal_prints_no_traceback_and_other_ignored_errors_still_print():
+    """The swallowed KeyboardInterrupt of a recorded signal is not printed (the loop re-raises
+    it); any other exception Python ignores still is, and everything is restored after."""
+    import subprocess
+    import sys
+
+    script = """
+import signal, sys, weakref
+from orchestrator.driver import interrupt_on_signals, stop_ray
+
+class Thing:
+    pass
+
+def raise_in_callback(error):
+    def callback(ref):
+        raise error
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing  # Python runs the callback and prints its exception as ignored
+
+restore = interrupt_on_signals()
+handler = signal.getsignal(signal.SIGTERM)
+try:
+    handler(15, None)
+except KeyboardInterrupt:
+    pass
+raise_in_callback(KeyboardInterrupt("signal 15"))  # swallowed: the signal was recorded
+raise_in_callback(ValueError("an unrelated ignored error"))
+stop_ray(False, restore)
+assert sys.unraisablehook is sys.__unraisablehook__
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+raise_in_callback(KeyboardInterrupt("after the invocation"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "signal 15" not in out.stderr
+    assert "an unrelated ignored error" in out.stderr
+    assert "after the invocation" in out.stderr
