@@ -144,6 +144,19 @@ def prequential(
     return model.predict_steps(hidden, feedback_steps), state
 
 
+def query_logits(
+    model: FeedbackLSTM, state: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor
+) -> torch.Tensor:
+    """(B, Q, *in) queries answered from a snapshot of each row's state, one input step each,
+    no feedback, no query seeing another: (B, Q, num_outputs)."""
+    b, q = x.shape[0], x.shape[1]
+    seq = model.steps(x.reshape(b * q, 1, *x.shape[2:]), None, 0)
+    if state is not None:
+        state = tuple(s.repeat_interleave(q, dim=1) for s in state)
+    hidden, _ = model(seq, state)
+    return model.readout(hidden[:, 0]).view(b, q, -1)
+
+
 def meta_step(
     model: FeedbackLSTM,
     optimizer: torch.optim.Optimizer,
@@ -154,34 +167,54 @@ def meta_step(
     mode: str = "given",
 ) -> dict[str, float]:
     """One meta-gradient pass over a batch of episodes by truncated BPTT: an Adam step per
-    chunk of ``truncation`` samples on the chunk's mean prequential loss. Returns the mean
-    prequential loss and the diagnostics (first-exposure loss, last-sample loss)."""
+    chunk of ``truncation`` samples on the chunk's mean prequential loss, plus, when the
+    episodes carry queries, the mean loss of the queries asked at the ends of the chunk's
+    tasks. Returns the mean prequential loss, the mean query loss (when any) and the
+    diagnostics (first-exposure loss, last-sample loss)."""
     model.train()
     state = None
-    total, count = 0.0, 0
+    total, count, q_total, q_count = 0.0, 0, 0.0, 0
     first = last = float("nan")
-    for start in range(0, episodes.length, truncation):
+    ends = episodes.segment_ends
+    cuts = sorted({*range(truncation, episodes.length, truncation), *ends})
+    start, pending, pending_q = 0, [], []
+    for stop in cuts:
         part = Episodes(
-            episodes.x[:, start : start + truncation],
-            episodes.y[:, start : start + truncation],
-            episodes.segment[:, start : start + truncation],
-            episodes.presentation[:, start : start + truncation],
-            episodes.kind,
-        )
+            episodes.x[:, start:stop], episodes.y[:, start:stop],
+            episodes.segment[:, start:stop], episodes.presentation[:, start:stop], episodes.kind,
+        )  # fmt: skip
         out, state = prequential(model, part, feedback_steps, mode, state)
         losses = sample_losses(model, out, part.y)
-        loss = losses.mean()
+        pending.append(losses.reshape(-1))
+        if start == 0:
+            first = float(losses[:, 0].mean().detach())
+        last = float(losses[:, -1].mean().detach())
+        if episodes.query_x is not None and stop in ends:
+            task = ends.index(stop)
+            answers = query_logits(model, state, episodes.query_x[:, task])
+            pending_q.append(sample_losses(model, answers, episodes.query_y[:, task]).reshape(-1))
+        start = stop
+        if stop % truncation and stop != episodes.length:
+            continue  # the truncation chunk goes on: the gradient flows across task ends
+        chunk = torch.cat(pending)
+        loss = chunk.mean()
+        if pending_q:
+            asked = torch.cat(pending_q)
+            loss = loss + asked.mean()
+            q_total += float(asked.detach().sum())
+            q_count += asked.numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         state = (state[0].detach(), state[1].detach())
-        total += float(loss.detach()) * losses.numel()
-        count += losses.numel()
-        if start == 0:
-            first = float(losses[:, 0].mean().detach())
-        last = float(losses[:, -1].mean().detach())
-    return {"loss": total / count, "first_loss": first, "last_loss": last}
+        total += float(chunk.detach().sum())
+        count += chunk.numel()
+        pending, pending_q = [], []
+    stats = {"loss": total / count, "first_loss": first, "last_loss": last}
+    if q_count:
+        stats["query_loss"] = q_total / q_count
+    return stats
 
 
 def family_for(meta: MetaTrainingConfig, info: StreamInfo | None = None) -> TaskFamily:
@@ -235,7 +268,7 @@ class MetaTraining(Phase):
         if self._family is None:
             self._family = family_for(cfg, self.learner.info)
         episodes = self._family.sample(
-            cfg.batch, cfg.episode_length, cfg.segments, self.generator, "meta"
+            cfg.batch, cfg.episode_length, cfg.segments, self.generator, "meta", cfg.queries
         ).to(self.learner.device)
         stats = meta_step(
             self.learner.model, self.optimizer, episodes, self.learner.hparams.feedback_steps,
@@ -296,6 +329,7 @@ class LSTMMeta(Learner):
         """ConfigError unless ``meta``'s family can train a learner for this stream."""
         try:
             family = family_for(meta, info)
+            family.check_episodes(meta.episode_length, meta.segments, meta.queries)
         except (ValueError, OSError) as err:
             text = str(err)
             if not text.startswith("meta_training."):
@@ -349,13 +383,7 @@ class LSTMMeta(Learner):
     def logits(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One input step per query from the current state's snapshot (no feedback, no query
         sees another); task-incremental streams mask units outside each query's task."""
-        n = x.shape[0]
-        seq = self.model.steps(x.unsqueeze(1), None, 0)
-        state = None
-        if self.state is not None:
-            state = tuple(s.expand(-1, n, -1).contiguous() for s in self.state)
-        hidden, _ = self.model(seq, state)
-        out = self.model.readout(hidden[:, 0])
+        out = query_logits(self.model, self.state, x.unsqueeze(0))[0]
         if self.class_mask is not None and task_ids is not None:
             out = out.masked_fill(~self.class_mask[task_ids], float("-inf"))
         return out

@@ -26,15 +26,13 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from learners import storage
 from learners.hparams import hp
 from task_streams.families import FAMILIES
 
@@ -63,6 +61,13 @@ class MetaTrainingConfig:
     episode_length: int = hp(50, help="samples per task in an episode", low=2)
     segments: int = hp(
         1, help="tasks per episode, switched without announcement (1 = no switch)", low=1
+    )
+    queries: int = hp(
+        0,
+        help="random_labels: after each task of an episode, this many unseen images of every "
+        "task so far, answered from the state without feedback and scored (retention, as a "
+        "stream's R matrix asks); the tasks of an episode then have distinct classes and labels",
+        low=0,
     )
     batch: int = hp(16, help="episodes per meta-gradient step", low=1)
     lr: float = hp(1e-3, help="meta-learning rate (Adam)", gt=0.0, search=(1e-4, 1e-2), log=True)
@@ -120,26 +125,13 @@ def phase_key(phase: Phase, code: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    leaves the previous file (or none) at ``path``, never a truncated one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(path: Path, should_stop: Callable[[], bool] | None) -> Iterator[None]:
     """Hold an exclusive lock on ``path``, waiting for another holder (a stop request ends the
     wait). The OS drops the lock when its process dies, so a killed worker never leaves it held."""
     from learners.base import TrainingStopped
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         while True:
             try:
@@ -174,15 +166,14 @@ def run_phase(
     key = phase_key(phase, code)
     base = {"kind": "phase", "phase": phase.name, "key": key}
     started = time.perf_counter()
-    folder = Path(cache_dir) if cache_dir is not None else None
+    folder = storage.resolve(cache_dir) if cache_dir is not None else None
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{key}.pt"
-        if final.exists():
+        final = storage.join(folder, f"{key}.pt")
+        if storage.exists(final):
             yield from _cached(phase, final, base, started)
             return
-        with _locked(folder / f"{key}.lock", should_stop):
-            if final.exists():  # another worker finished it while this one waited
+        with _locked(storage.local_lock_dir(folder) / f"{key}.lock", should_stop):
+            if storage.exists(final):  # another worker finished it while this one waited
                 yield from _cached(phase, final, base, started)
                 return
             yield from _compute(phase, folder, key, base, started, should_stop)
@@ -190,8 +181,8 @@ def run_phase(
     yield from _compute(phase, None, key, base, started, should_stop)
 
 
-def _cached(phase: Phase, final: Path, base: dict, started: float) -> Iterator[dict[str, Any]]:
-    saved = torch.load(final, weights_only=True)
+def _cached(phase: Phase, final: str, base: dict, started: float) -> Iterator[dict[str, Any]]:
+    saved = storage.load(final)
     phase.apply(saved["result"])
     yield {
         **base,
@@ -207,7 +198,7 @@ def _cached(phase: Phase, final: Path, base: dict, started: float) -> Iterator[d
 
 def _compute(
     phase: Phase,
-    folder: Path | None,
+    folder: str | None,
     key: str,
     base: dict,
     started: float,
@@ -216,12 +207,12 @@ def _compute(
     from learners.base import TrainingStopped
 
     computing = time.perf_counter()  # after any wait for another worker's lock
-    partial = folder / f"{key}.partial.pt" if folder is not None else None
+    partial = storage.join(folder, f"{key}.partial.pt") if folder is not None else None
     curve: list[dict[str, float]] = []
     spent = 0.0  # compute seconds of earlier attempts
     resumed_from = None
-    if partial is not None and partial.exists():
-        saved = torch.load(partial, weights_only=True)
+    if partial is not None and storage.exists(partial):
+        saved = storage.load(partial)
         phase.load_state_dict(saved["phase"])
         curve, spent = list(saved["curve"]), float(saved["seconds"])
         resumed_from = phase.done_steps
@@ -234,7 +225,7 @@ def _compute(
         if partial is not None:
             state = {"phase": phase.state_dict(), "curve": curve,
                      "seconds": spent + time.perf_counter() - computing}  # fmt: skip
-            atomic_save(state, partial)
+            storage.save(state, partial)
 
     while phase.done_steps < total:
         if should_stop is not None and should_stop():
@@ -254,10 +245,9 @@ def _compute(
     seconds = spent + time.perf_counter() - computing
     result = phase.result()
     if folder is not None:
-        atomic_save({"result": result, "curve": curve, "steps": total, "seconds": seconds},
-                     folder / f"{key}.pt")  # fmt: skip
-        with contextlib.suppress(OSError):
-            partial.unlink()
+        storage.save({"result": result, "curve": curve, "steps": total, "seconds": seconds},
+                     storage.join(folder, f"{key}.pt"))  # fmt: skip
+        storage.remove(partial)
     phase.apply(result)
     yield {
         **base,

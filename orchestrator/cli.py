@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -57,8 +56,10 @@ def _clean(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.tracking import resolve_tracking_uri, sqlite_path
 
     config = load_config(args.config, list(args.overrides)) if args.config else None
-    targets = [Path(config.checkpoints.dir) if config and config.checkpoints.dir else None]
-    targets = [t for t in targets if t is not None] or [Path("checkpoints")]
+    from learners import storage
+
+    root = config.checkpoints.dir if config and config.checkpoints.dir else "checkpoints"
+    targets: list[str | Path] = [root if storage.is_remote(root) else Path(root)]
     if args.results:
         db = sqlite_path(resolve_tracking_uri(config.tracking.uri if config else None))
         targets += [Path("mlruns"), Path("mlartifacts"), Path("reports")]
@@ -66,12 +67,9 @@ def _clean(args: argparse.Namespace, console: Console) -> int:
             targets += [db, db.parent / f".{db.name}.lock"]
     removed = []
     for target in targets:
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        else:
+        if not storage.exists(target):
             continue
+        storage.remove(target)
         removed.append(str(target))
     console.print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
     return 0

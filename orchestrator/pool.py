@@ -12,6 +12,9 @@ its user passes :class:`PoolCallbacks` and hears of every event, finish, retry a
 - ``PoolCallbacks.event`` may answer True to stop a run: the actor is asked to stop at its
   next batch, and killed if it has not stopped within ``stop_timeout_s``.
 - An event the callbacks cannot handle (they raise) fails that run, not the pool.
+- An actor no job waits for (nothing queued, no retry pending) is killed at once: idle, it
+  would hold its CPUs and GPUs, which the fresh actor of a retry may need on a cluster that
+  lost a node.
 """
 
 from __future__ import annotations
@@ -196,6 +199,8 @@ class ActorPool:
                 if not self.busy and (until_idle is None or until_idle()):
                     break
                 self._dispatch(callbacks)
+                if not self._queue and not self._delayed:
+                    self._release_idle()
                 if not self._live:
                     time.sleep(self._wait_time())
                     continue
@@ -243,6 +248,14 @@ class ActorPool:
             callbacks.dispatched(job)
             generator = actor.run.remote(*job.args)
             self._live[generator] = _Live(job, actor)
+
+    def _release_idle(self) -> None:
+        """Kill the actors no job waits for: an idle actor holds its CPUs and GPUs, and an actor
+        the pool started for a retry may be waiting for exactly those (a cluster that lost a
+        node has no others)."""
+        while self._idle:
+            ray.kill(self._idle.pop(), no_restart=True)
+            self._actors -= 1
 
     def _release(self, state: _Live, dead: bool) -> None:
         if dead:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def check_run(config: ExperimentConfig) -> None:
         if local is not None:
             _check_folder(local, f"tracking.artifact_location={artifacts!r}")
     if config.checkpoints.dir is not None:
-        _check_folder(config.checkpoints.dir, f"checkpoints.dir={config.checkpoints.dir!r}")
+        _check_checkpoints(config.checkpoints.dir, f"checkpoints.dir={config.checkpoints.dir!r}")
     ray_target = _check_ray(config)
     _check_tracking_network(uri, key, scheme)
     if ray_target is not None:
@@ -218,6 +219,47 @@ def _check_folder(path: str, label: str, *, flag: bool = False) -> None:
         raise ConfigError(f"{label} cannot be created: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{label} cannot be created: the folder {ancestor} is not writable")
+
+
+STORAGE_TIMEOUT_S = 20.0
+
+
+def _check_checkpoints(root: str, label: str) -> None:
+    """A local folder (as :func:`_check_folder`), or a URI fsspec reaches: a small object is
+    written, read back and deleted there within STORAGE_TIMEOUT_S seconds."""
+    from learners import storage
+
+    if not storage.is_remote(root):
+        _check_folder(storage.resolve(root), label)
+        return
+    accepted = (
+        "accepted: a local folder, or an fsspec URI every node reaches (s3://bucket/prefix, "
+        "with FSSPEC_S3_ENDPOINT_URL for an S3-compatible server and AWS credentials in the "
+        "environment; gs://, abfs://, ...)"
+    )
+    outcome: dict[str, BaseException | None] = {}
+
+    def attempt() -> None:
+        try:
+            storage.probe(root)
+            outcome["error"] = None
+        except BaseException as err:  # reported below, in the driver's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(STORAGE_TIMEOUT_S)
+    if "error" not in outcome:
+        raise ConfigError(f"{label} did not answer within {STORAGE_TIMEOUT_S:g} s; {accepted}")
+    err = outcome["error"]
+    if isinstance(err, ImportError):
+        raise ConfigError(
+            f"{label} needs a package this install lacks ({err}); install the filesystem's "
+            "fsspec implementation (s3fs for s3://, gcsfs for gs://)"
+        )
+    if err is not None:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{label} cannot be written: {text}; {accepted}")
 
 
 # ---------------------------------------------------------------------------- Ray

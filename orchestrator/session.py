@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cluster import describe_plan
+from learners import storage
 from learners.metrics import RMatrix, at_chance, compute_metrics
 from orchestrator import checkpoints
 from orchestrator.config import ExperimentConfig, RunSpec, flatten
@@ -71,8 +72,8 @@ def code_version() -> str:
 
 def lease_root(config: ExperimentConfig, uri: str) -> Path:
     """Where run leases live: beside the checkpoints, else beside a SQLite store, else home."""
-    if config.checkpoints.dir:
-        return Path(config.checkpoints.dir).expanduser().resolve() / ".leases"
+    if config.checkpoints.dir:  # a remote one: leases on this machine (see learners/storage.py)
+        return storage.local_lock_dir(config.checkpoints.dir) / ".leases"
     db = sqlite_path(uri)
     if db is not None:
         return db.resolve().parent / ".lia-leases"
@@ -185,9 +186,7 @@ class RunSession:
         self.notes = notes
         # absolute, so every actor writes where the driver means whatever its working directory
         self.checkpoint_dir = (
-            str(Path(config.checkpoints.dir).expanduser().resolve())
-            if config.checkpoints.dir
-            else None
+            storage.resolve(config.checkpoints.dir) if config.checkpoints.dir else None
         )
         self.leases = LeaseStore(lease_root(config, tracker.uri))
         self.results: list[RunResult] = []

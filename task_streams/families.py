@@ -9,7 +9,11 @@ a switch, re-adapt and retain. Every family is registered by name (:data:`FAMILI
 - ``random_labels`` (Santoro et al. 2016's protocol, on digit images instead of Omniglot):
   each segment draws ``ways`` image classes and a fresh random mapping of them onto ``ways`` of
   the ``num_outputs`` label slots; each class appears ``length // ways`` times, shuffled. The
-  label of an image means nothing until feedback shows it.
+  label of an image means nothing until feedback shows it. With ``queries`` > 0 an episode is
+  a class-incremental stream in small: its tasks use distinct classes and distinct labels,
+  and after each task come ``queries`` fresh images (never shown in the episode) of the
+  classes of every task so far, with their labels — what the stream's R matrix asks of a
+  learner after each task, retention included.
 - ``sine`` (MAML's ranges, Finn et al. 2017): y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π],
   x ~ U[−5, 5].
 - ``linear``: y = wᵀx + b, w ~ N(0, I_d), b ~ N(0, 1), x ~ U[−1, 1]^d (d = ``dim``).
@@ -69,6 +73,8 @@ class Episodes:
     presentation: torch.Tensor  # (B, T) int64
     kind: str  # "classification" | "regression"
     params: torch.Tensor | None = None  # regression: (B, segments, basis) true coefficients
+    query_x: torch.Tensor | None = None  # (B, segments, Q, *input_shape): see RandomLabels
+    query_y: torch.Tensor | None = None  # (B, segments, Q) int64
 
     @property
     def batch(self) -> int:
@@ -82,8 +88,14 @@ class Episodes:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Episodes(
             move(self.x), move(self.y), move(self.segment), move(self.presentation),
-            self.kind, move(self.params),
+            self.kind, move(self.params), move(self.query_x), move(self.query_y),
         )  # fmt: skip
+
+    @property
+    def segment_ends(self) -> list[int]:
+        """The sample index at which each task of the episodes ends (the same for every row)."""
+        changes = (self.segment[0, 1:] != self.segment[0, :-1]).nonzero().squeeze(1) + 1
+        return [*changes.tolist(), self.length]
 
 
 class TaskFamily:
@@ -100,8 +112,14 @@ class TaskFamily:
         segments: int,
         generator: torch.Generator,
         split: str = "meta",
+        queries: int = 0,
     ) -> Episodes:
+        """``batch`` episodes of ``segments`` tasks of ``length`` samples each; ``queries``:
+        see :class:`RandomLabels` (classification only)."""
         raise NotImplementedError
+
+    def check_episodes(self, length: int, segments: int, queries: int) -> None:
+        """ValueError unless episodes of this shape can be drawn (also run before any work)."""
 
 
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
@@ -181,56 +199,97 @@ class RandomLabels(TaskFamily):
         return padded, counts
 
     def _mappings(
-        self, n: int, generator: torch.Generator, split: str
+        self, batch: int, segments: int, generator: torch.Generator, split: str, distinct: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """n class sets of the split's half, (n, ways), and for each a uniformly random
-        assignment of label slots, (n, ways)."""
+        """For each of the batch × segments tasks, a set of ``ways`` classes of the split's half,
+        (n, ways), and a uniformly random assignment of label slots, (n, ways). ``distinct``:
+        the tasks of an episode share no class and no label."""
         want = 0 if split == "meta" else 1
+        per = segments if distinct else 1  # tasks drawn together (their classes disjoint)
+        need = batch * segments // per
         rows: list[torch.Tensor] = []
         kept = 0
-        while kept < n:  # rejection, vectorised: about half the draws are kept
-            draw = torch.rand(2 * n + 8, self.num_classes, generator=generator).argsort(1)
-            draw = draw[:, : self.ways]
+        for _ in range(10_000):  # rejection, vectorised
+            draw = torch.rand(4 * need * 2**per + 8, self.num_classes, generator=generator)
+            draw = draw.argsort(1)[:, : per * self.ways].reshape(-1, per, self.ways)
             if self.ways < self.num_classes:
-                draw = draw[class_set_parity(draw) == want]
+                parity = class_set_parity(draw.reshape(-1, self.ways)).view(-1, per)
+                draw = draw[(parity == want).all(1)]
             rows.append(draw)
             kept += draw.shape[0]
-        classes = torch.cat(rows)[:n]
-        labels = torch.rand(n, self.num_outputs, generator=generator).argsort(1)[:, : self.ways]
+            if kept >= need:
+                break
+        else:
+            raise ValueError(
+                f"no {segments} disjoint sets of {self.ways} classes of {self.source!r} fall in "
+                f"the {split} half; use fewer meta_training.segments or ways"
+            )
+        classes = torch.cat(rows)[:need].reshape(batch * segments, self.ways)
+        labels = torch.rand(need, self.num_outputs, generator=generator).argsort(1)
+        labels = labels[:, : per * self.ways].reshape(batch * segments, self.ways)
         return classes, labels
 
-    def sample(self, batch, length, segments, generator, split="meta") -> Episodes:
-        _check_split(split)
+    def check_episodes(self, length: int, segments: int, queries: int) -> None:
+        """ValueError unless episodes of this shape can be drawn (also run before any work)."""
         if length < self.ways:
             raise ValueError(
                 f"meta_training.episode_length={length} is shorter than ways={self.ways}; "
                 f"expected at least {self.ways} samples per task"
             )
+        if queries and segments * self.ways > min(self.num_classes, self.num_outputs):
+            raise ValueError(
+                f"meta_training.queries needs the {segments} tasks of an episode to have "
+                f"distinct classes and labels: segments × ways = {segments * self.ways} is more "
+                f"than the {min(self.num_classes, self.num_outputs)} available; expected "
+                "segments × ways <= the number of classes"
+            )
+
+    def sample(self, batch, length, segments, generator, split="meta", queries=0) -> Episodes:
+        _check_split(split)
+        self.check_episodes(length, segments, queries)
         pool, counts = self._pools[split]
         n = batch * segments  # tasks to draw, each `length` samples
-        classes, labels = self._mappings(n, generator, split)
+        classes, labels = self._mappings(batch, segments, generator, split, queries > 0)
         # balanced: slot k (the task's k-th class) appears length // ways or one more times
         order = torch.rand(n, length, generator=generator).argsort(1)
         slots = (torch.arange(length) % self.ways)[order]  # (n, length)
         onehot = F.one_hot(slots, self.ways)
         presentation = ((onehot.cumsum(1) - onehot) * onehot).sum(-1)  # earlier same-slot
-        # distinct images per (task, class): a random order of the class's pool, read in turn
+        # distinct images per (task, class): a random order of the class's pool, read in turn;
+        # the images after the first `need` are never shown, so queries draw from them
         need = int(onehot.sum(1).max())
-        if need > int(counts[classes].min()):
+        have = counts[classes]  # (n, ways)
+        if need + (queries > 0) > int(have.min()):
             raise ValueError(
-                f"a class of {self.source!r} ({split} pool) has fewer than {need} images; "
-                "shorten meta_training.episode_length"
+                f"a class of {self.source!r} ({split} pool) has fewer than "
+                f"{need + (queries > 0)} images; shorten meta_training.episode_length"
             )
         keys = torch.rand(n, self.ways, pool.shape[1], generator=generator)
-        keys[torch.arange(pool.shape[1]) >= counts[classes].unsqueeze(-1)] = 2.0  # padding last
-        picks = keys.topk(need, dim=-1, largest=False).indices  # (n, ways, need), random order
+        keys[torch.arange(pool.shape[1]) >= have.unsqueeze(-1)] = 2.0  # padding last
+        picks = keys.argsort(dim=-1)  # (n, ways, pool), a random order of each class's images
         image = picks[torch.arange(n).unsqueeze(1), slots, presentation]  # (n, length)
         x = pool[classes.gather(1, slots), image]  # (n, length, *shape)
         shape = (batch, segments * length)
         x = x.reshape(*shape, *self.input_shape).to(torch.float32).div_(255.0)
         y = labels.gather(1, slots).reshape(shape)
         segment = torch.arange(segments).repeat_interleave(length).expand(batch, -1).clone()
-        return Episodes(x, y, segment, presentation.reshape(shape), self.kind)
+        episodes = Episodes(x, y, segment, presentation.reshape(shape), self.kind)
+        if queries:
+            episodes.query_x, episodes.query_y = self._queries(
+                pool, classes, labels, picks, have, need, batch, segments, queries, generator
+            )
+        return episodes
+
+    def _queries(self, pool, classes, labels, picks, have, need, batch, segments, q, generator):
+        """After each task s of each episode, q unseen images of the classes of tasks 0..s."""
+        seen = (torch.arange(segments) + 1) * self.ways  # classes known after each task
+        u = (torch.rand(batch, segments, q, generator=generator) * seen.view(1, -1, 1)).long()
+        task = torch.arange(batch).view(-1, 1, 1) * segments + u // self.ways  # row of the task
+        slot = u % self.ways
+        spare = (have[task, slot] - need).clamp(min=1)
+        pos = need + (torch.rand(batch, segments, q, generator=generator) * spare).long()
+        x = pool[classes[task, slot], picks[task, slot, pos]].to(torch.float32).div_(255.0)
+        return x, labels[task, slot]
 
 
 # ---------------------------------------------------------------------- regression
@@ -261,8 +320,16 @@ class RegressionFamily(TaskFamily):
             self._prior = (mean, centred.T @ centred / (beta.shape[0] - 1))
         return self._prior
 
-    def sample(self, batch, length, segments, generator, split="meta") -> Episodes:
+    def check_episodes(self, length: int, segments: int, queries: int) -> None:
+        if queries:
+            raise ValueError(
+                "meta_training.queries is for classification families (random_labels): a "
+                "regression query cannot say which earlier function it is about"
+            )
+
+    def sample(self, batch, length, segments, generator, split="meta", queries=0) -> Episodes:
         _check_split(split)
+        self.check_episodes(length, segments, queries)
         # each split its own stream of draws: a held-out episode never replays a meta one
         offset = torch.randint(2**62, (1,), generator=generator).item()
         g = torch.Generator().manual_seed((offset * 2 + SPLITS.index(split)) % 2**63)

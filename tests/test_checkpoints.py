@@ -11,20 +11,37 @@ from orchestrator import checkpoints, load_experiment
 from orchestrator.cli import main
 
 
-def test_save_load_round_trip_is_weights_only_and_atomic(tmp_path):
+@pytest.mark.parametrize("where", ["folder", "memory://"])
+def test_save_load_round_trip_is_weights_only_and_atomic(tmp_path, where):
+    """The same checkpoint round trip in a local folder and at an fsspec URI (memory://: an
+    in-process filesystem; tests/test_cluster.py runs an S3 server)."""
+    from learners import storage
+
+    root = str(tmp_path) if where == "folder" else f"memory://ckpt-{tmp_path.name}"
     state = {"model": {"w": torch.arange(3.0)}, "tasks_learned": 2, "name": "x"}
     events = [{"kind": "init", "row": [0.1, 0.2]}, {"kind": "task", "task": 0, "row": [0.9, 0.1]}]
-    path = checkpoints.save(tmp_path, "abc", state, events)
-    assert path == tmp_path / "abc" / "latest.pt"
-    assert [p.name for p in (tmp_path / "abc").iterdir()] == ["latest.pt"]  # no partial left
-    loaded = torch.load(path, weights_only=True)
+    path = checkpoints.save(root, "abc", state, events)
+    assert path == f"{root}/abc/latest.pt"
+    if where == "folder":
+        assert [p.name for p in (tmp_path / "abc").iterdir()] == ["latest.pt"]  # no partial
+    loaded = storage.load(path)
     assert torch.equal(loaded["learner"]["model"]["w"], torch.arange(3.0))
-    assert checkpoints.load(tmp_path, "abc")["events"] == events
-    assert checkpoints.load(tmp_path, "missing") is None
-    path.write_bytes(b"not a checkpoint")
-    assert checkpoints.load(tmp_path, "abc") is None  # unreadable: start afresh, not crash
-    checkpoints.remove(tmp_path, "abc")
-    assert not (tmp_path / "abc").exists()
+    assert checkpoints.load(root, "abc")["events"] == events
+    assert checkpoints.load(root, "missing") is None
+    torch.save({"f": print}, tmp_path / "pickled.pt")  # a checkpoint that is not weights-only
+    storage.save({"ok": 1}, path)  # overwrite, then plant the unsafe bytes at the same place
+    unsafe = (tmp_path / "pickled.pt").read_bytes()
+    if where == "folder":
+        (tmp_path / "abc" / "latest.pt").write_bytes(unsafe)
+    else:
+        import fsspec
+
+        fsspec.filesystem("memory").pipe_file(path.split("://", 1)[1], unsafe)
+    assert checkpoints.load(root, "abc") is None  # refused: never unpickled
+    storage.save({"ok": 1}, path)
+    assert checkpoints.load(root, "abc") == {"ok": 1}
+    checkpoints.remove(root, "abc")
+    assert not storage.exists(f"{root}/abc/latest.pt") and checkpoints.load(root, "abc") is None
 
 
 @pytest.mark.usefixtures("ray_local")

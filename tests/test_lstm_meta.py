@@ -59,13 +59,49 @@ def test_heldout_episodes_share_no_image_and_no_mapping_with_meta_training():
     # every class takes every label in both (nothing to memorise about a class's label)
     halves = []
     for split, want in (("meta", 0), ("heldout", 1)):
-        classes, labels = family._mappings(400, g, split)
+        classes, labels = family._mappings(400, 1, g, split, False)
         assert (class_set_parity(classes) == want).all()
         assert all(class_set_parity(row.tolist()) == want for row in classes[:20])
         pairs = set(zip(classes.flatten().tolist(), labels.flatten().tolist(), strict=True))
         assert pairs == {(c, label) for c in range(10) for label in range(5)}
         halves.append({tuple(sorted(row.tolist())) for row in classes})
     assert not halves[0] & halves[1] and len(halves[0]) + len(halves[1]) > 200  # of 252 sets
+
+
+def test_query_episodes_are_class_incremental_streams_with_unseen_query_images():
+    """queries: an episode's tasks share no class and no label; after task s come unseen
+    images of the classes of tasks 0..s, labelled as the episode labelled their class."""
+    family = build_family("random_labels", source="digits", ways=2, num_outputs=10)
+    e = family.sample(8, 12, 4, torch.Generator().manual_seed(0), "heldout", queries=15)
+    assert e.query_x.shape == (8, 4, 15, 1, 8, 8) and e.segment_ends == [12, 24, 36, 48]
+    pool, counts = family._pools["heldout"]
+    flat = pool.reshape(10, pool.shape[1], -1).float() / 255.0
+
+    def class_of(image):  # the class whose pool holds this image
+        hits = (flat == image.reshape(1, 1, -1)).all(-1).any(-1).nonzero().flatten().tolist()
+        assert len(hits) == 1
+        return hits[0]
+
+    for b in range(8):
+        label_of = {}  # class -> the label the episode gave it, task by task
+        shown = {tuple(v.tolist()) for v in e.x[b].reshape(48, -1)}
+        for s in range(4):
+            task_labels = set(e.y[b, s * 12 : (s + 1) * 12].tolist())
+            assert len(task_labels) == 2 and not task_labels & set(label_of.values())
+            for i in range(s * 12, (s + 1) * 12):
+                c = class_of(e.x[b, i])
+                assert c not in label_of or label_of[c] == e.y[b, i]
+                label_of[c] = int(e.y[b, i])
+            assert len(label_of) == 2 * (s + 1)  # two new classes per task
+            for image, label in zip(e.query_x[b, s], e.query_y[b, s], strict=True):
+                assert tuple(image.flatten().tolist()) not in shown  # never fed back
+                assert label_of[class_of(image)] == label  # of a class seen so far
+    assert len({tuple(row.tolist()) for row in e.query_y[:, 3]}) > 1  # later tasks: old ones too
+    assert (e.query_y[:, 3].unsqueeze(-1) == e.y[:, :12].unsqueeze(1)).any(-1).any()
+    with pytest.raises(ValueError, match="segments × ways = 12 is more than the 10"):
+        family.sample(2, 12, 6, torch.Generator(), "meta", queries=5)
+    with pytest.raises(ValueError, match="queries is for classification families"):
+        build_family("sine").sample(2, 12, 2, torch.Generator(), "meta", queries=5)
 
 
 def test_the_linear_oracle_is_exact_once_it_has_seen_enough_points():
@@ -119,6 +155,29 @@ def test_truncated_bptt_carries_the_state_and_steps_once_per_chunk():
     out, _ = prequential(model, episodes, 1)
     losses = sample_losses(model, out, episodes.y)
     assert whole["first_loss"] == pytest.approx(losses[:, 0].mean().item(), rel=1e-5)
+
+
+def test_queries_are_scored_and_their_gradient_crosses_task_ends():
+    family = build_family("random_labels", source="digits", ways=2, num_outputs=6)
+    episodes = family.sample(4, 6, 3, torch.Generator().manual_seed(0), "meta", queries=5)
+    torch.manual_seed(0)
+    model = FeedbackLSTM(64, 6, 12, 1, "classification")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    steps = []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    stats = meta_step(model, opt, episodes, 1, truncation=18, clip=1.0)
+    assert len(steps) == 1  # one chunk: the queries after tasks 0 and 1 do not cut it
+    from learners.lstm_meta import query_logits
+
+    state, losses = None, []
+    for s, end in enumerate(episodes.segment_ends):
+        part = Episodes(*(t[:, end - 6 : end] for t in (episodes.x, episodes.y,
+                          episodes.segment, episodes.presentation)), "classification")  # fmt: skip
+        _, state = prequential(model, part, 1, state=state)
+        answers = query_logits(model, state, episodes.query_x[:, s])
+        losses.append(sample_losses(model, answers, episodes.query_y[:, s]))
+    assert stats["query_loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert "query_loss" not in meta_step(model, opt, _episodes("classification")[1], 1, 8, 1.0)
 
 
 # ---------------------------------------------------------------------- as a learner
@@ -230,6 +289,9 @@ def test_lstm_meta_refuses_a_family_that_cannot_train_it_for_the_stream():
         load_config({**base, "meta_training": {"family": "sine", "source": "digits"}})
     with pytest.raises(ConfigError, match="meta_training.ways=5 is more than the 4 labels"):
         load_config({**base, "meta_training": {"source": "digits"}})
+    with pytest.raises(ConfigError, match="segments × ways = 6 is more than the 4 available"):
+        load_config({**base, "meta_training": {"source": "digits", "ways": 2, "segments": 3,
+                                               "queries": 4}})  # fmt: skip
     config = load_config({**base, "meta_training": {"source": "digits", "ways": 4}})
     assert config.meta_training.source == "digits"
 
