@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from learners import ConfigError
@@ -26,7 +26,9 @@ from learners import ConfigError
 if TYPE_CHECKING:  # orchestrator.config imports learners and streams; keep this module light
     from orchestrator.config import RayConfig, ResourcesConfig
 
-__all__ = ["LOOPBACK", "check_address", "describe_plan", "ensure_ray", "plan_actors"]
+__all__ = [
+    "LOOPBACK", "check_address", "cluster_nodes", "describe_plan", "ensure_ray", "plan_actors",
+]  # fmt: skip
 
 LOOPBACK = "127.0.0.1"
 """the node address of a Ray instance started by :func:`ensure_ray`"""
@@ -54,7 +56,7 @@ def ensure_ray(config: RayConfig) -> bool:
         check_address(address, key="ray.address" if config.address else "$RAY_ADDRESS")
         ray.init(address=address, logging_level=logging.WARNING)
         return True
-    with _loopback_node_address():
+    with _loopback_node_address(), _quiet_token_notice():
         ray.init(
             address="local",
             num_cpus=config.num_cpus,
@@ -65,6 +67,25 @@ def ensure_ray(config: RayConfig) -> bool:
             _node_ip_address=LOOPBACK,
         )
     return True
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this")
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Drop Ray's notice that it turned token authentication on for the local instance it
+    starts (Ray >= 2.52, RAY_AUTH_MODE unset): news to nobody here, since that instance also
+    listens on 127.0.0.1 only. Ray's warning that authentication is *off* is kept."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = _DropTokenNotice()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -114,49 +135,90 @@ def check_address(address: str, timeout_s: float = 3.0, key: str = "ray.address"
         )
 
 
+Resources = Mapping[str, float]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _as_nodes(cluster: Resources | Sequence[Resources] | None) -> list[Resources]:
+    if cluster is None:
+        return cluster_nodes()
+    if isinstance(cluster, Mapping):
+        return [cluster]  # one node (or a cluster's totals)
+    return list(cluster)
+
+
+def _slots(node: Resources, cpus: float, gpus: float) -> int:
+    """Runs of ``cpus`` CPUs and ``gpus`` GPUs that fit on one node at once."""
+    slots = math.floor(float(node.get("CPU", 0.0)) / cpus + 1e-9)
+    if gpus > 0:
+        slots = min(slots, math.floor(float(node.get("GPU", 0.0)) / gpus + 1e-9))
+    return slots
+
+
 def plan_actors(
     resources: ResourcesConfig,
     pending: int,
-    cluster: Mapping[str, float] | None = None,
+    cluster: Resources | Sequence[Resources] | None = None,
 ) -> tuple[int, float, float]:
     """(number of actors, CPUs per actor, GPUs per actor) for what the cluster offers.
 
-    ``cluster`` is Ray's resources dict (``{"CPU": 8.0, "GPU": 2.0, ...}``); None reads
-    ``ray.cluster_resources()``. At most ``pending`` actors (at least 1), at most
-    ``resources.max_concurrent_runs`` when that is set. A request no node of the cluster can
-    meet raises :class:`ConfigError` naming the key and the accepted maximum.
+    ``cluster`` is one Ray resources dict (``{"CPU": 8.0, "GPU": 2.0, ...}``) or a list of them,
+    one per node; None reads the live nodes of the connected cluster. A run must fit on one
+    node, so the actors are counted node by node (4 nodes of 1.5 GPUs hold 4 runs of one GPU,
+    not 6). At most ``pending`` actors (at least 1), at most ``resources.max_concurrent_runs``
+    when that is set. A request no node can meet raises :class:`ConfigError` naming the key
+    and the accepted maximum.
     """
-    if cluster is None:
-        import ray
-
-        cluster = ray.cluster_resources()
-    have_cpus = float(cluster.get("CPU", 0.0))
-    have_gpus = float(cluster.get("GPU", 0.0))
+    nodes = _as_nodes(cluster)
+    where = "the Ray cluster" if len(nodes) <= 1 else "any node of the Ray cluster"
+    most_cpus = max((float(n.get("CPU", 0.0)) for n in nodes), default=0.0)
+    most_gpus = max((float(n.get("GPU", 0.0)) for n in nodes), default=0.0)
     cpus = float(resources.cpus_per_run)
     if cpus <= 0:
         raise ConfigError(f"resources.cpus_per_run={cpus:g} must be > 0")
     gpus = resources.gpus_per_run
-    gpus = (1.0 if have_gpus >= 1 else 0.0) if gpus is None else float(gpus)
-    if gpus > have_gpus + 1e-9:
+    gpus = (1.0 if most_gpus >= 1 else 0.0) if gpus is None else float(gpus)
+    if gpus > most_gpus + 1e-9:
         raise ConfigError(
-            f"resources.gpus_per_run={gpus:g} but the Ray cluster has {have_gpus:g} GPUs; "
-            f"accepted: at most {min(have_gpus, 1.0):g}"
+            f"resources.gpus_per_run={gpus:g} but {where} has {most_gpus:g} GPUs; "
+            f"accepted: at most {min(most_gpus, 1.0):g}"
         )
-    slots = math.floor(have_cpus / cpus + 1e-9)
-    if gpus > 0:
-        slots = min(slots, math.floor(have_gpus / gpus + 1e-9))
+    slots = sum(_slots(n, cpus, gpus) for n in nodes)
     if resources.max_concurrent_runs:
         slots = min(slots, resources.max_concurrent_runs)
     if slots < 1:
         raise ConfigError(
-            f"resources.cpus_per_run={cpus:g} does not fit the Ray cluster "
-            f"({have_cpus:g} CPUs); accepted: at most {have_cpus:g}"
+            f"resources.cpus_per_run={cpus:g} does not fit {where} "
+            f"({most_cpus:g} CPUs); accepted: at most {most_cpus:g}"
         )
     return max(1, min(slots, pending)), cpus, gpus
 
 
-def describe_plan(runs: int, plan: tuple[int, float, float]) -> str:
-    """One line for the console: ``12 runs on 2 actors · 1 CPU + 1 GPU per run``."""
+def describe_plan(
+    runs: int,
+    plan: tuple[int, float, float],
+    cluster: Resources | Sequence[Resources] | None = None,
+) -> str:
+    """One line for the console: ``12 runs on 2 actors · 1 CPU + 1 GPU per run``; given the
+    cluster's nodes, first what it holds: ``8 GPUs on 2 nodes → 32 concurrent runs at 0.25
+    GPU each · ...``."""
     n_actors, cpus, gpus = plan
     device = f"{gpus:g} GPU" if gpus > 0 else "CPU only (no GPU requested or present)"
-    return f"{runs} runs on {n_actors} actors · {cpus:g} CPU + {device} per run"
+    line = f"{runs} runs on {n_actors} actors · {cpus:g} CPU + {device} per run"
+    if cluster is None:
+        return line
+    nodes = _as_nodes(cluster)
+    capacity = sum(_slots(n, cpus, gpus) for n in nodes)
+    counted, each = ("GPU", gpus) if gpus > 0 else ("CPU", cpus)
+    total = sum(float(n.get(counted, 0.0)) for n in nodes)
+    many = "s" if len(nodes) != 1 else ""
+    return (
+        f"{total:g} {counted}s on {len(nodes)} node{many} → {capacity} concurrent runs at "
+        f"{each:g} {counted} each · {line}"
+    )

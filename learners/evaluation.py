@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +33,53 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+class GpuUtilization:
+    """The mean utilisation (%) of a GPU while a block runs, sampled every ``every_s`` seconds
+    by a background thread (``torch.cuda.utilization``, NVML's per-device figure: every process
+    on that GPU counts, so runs packed on one GPU see their sum). ``mean`` is None when
+    nothing could be read (no NVML binding, no sample yet)."""
+
+    def __init__(self, read: Callable[[], float], every_s: float = 0.1):
+        self.read, self.every_s = read, every_s
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def of(cls, device: torch.device) -> GpuUtilization | None:
+        """A sampler for ``device`` if it is a GPU whose utilisation can be read, else None."""
+        if device.type != "cuda":
+            return None
+        try:
+            torch.cuda.utilization(device)
+        except Exception:  # no pynvml / NVML: utilisation is not reported
+            return None
+        return cls(lambda: float(torch.cuda.utilization(device)))
+
+    def __enter__(self) -> GpuUtilization:
+        def sample() -> None:
+            while True:
+                try:
+                    self.samples.append(float(self.read()))
+                except Exception:
+                    return
+                if self._done.wait(self.every_s):
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def iter_stream(
     learner: Learner,
     stream: TaskStream,
@@ -41,7 +90,8 @@ def iter_stream(
 
     First ``{"kind": "init", "row": [...]}`` (accuracy before learning anything; skipped when
     resuming at ``start_task`` > 0), then per task ``{"kind": "task", "task": i, "row": [...],
-    "train_time_s", "eval_time_s", "steps", "peak_memory_bytes", model size, stored memory}``.
+    "train_time_s", "eval_time_s", "steps", "peak_memory_bytes", model size, stored memory}``,
+    and on a GPU whose utilisation can be read, ``gpu_utilization_pct`` while it trained.
     """
     if start_task == 0:
         started = time.perf_counter()
@@ -51,9 +101,11 @@ def iter_stream(
         if learner.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(learner.device)
         started = time.perf_counter()
-        stats = learner.learn(task, should_stop=should_stop)
-        if learner.device.type == "cuda":
-            torch.cuda.synchronize(learner.device)
+        sampler = GpuUtilization.of(learner.device)
+        with sampler or contextlib.nullcontext():
+            stats = learner.learn(task, should_stop=should_stop)
+            if learner.device.type == "cuda":
+                torch.cuda.synchronize(learner.device)
         trained = time.perf_counter()
         row = evaluate(learner, stream)
         evaluated = time.perf_counter()
@@ -66,6 +118,11 @@ def iter_stream(
             "steps": stats["steps"],
             "peak_memory_bytes": _peak_memory_bytes(learner.device),
             **learner.resources(),
+            **(
+                {"gpu_utilization_pct": sampler.mean}
+                if sampler and sampler.mean is not None
+                else {}
+            ),  # fmt: skip
         }
 
 

@@ -24,7 +24,7 @@ import ray
 from rich.console import Console
 from rich.markup import escape
 
-from cluster import describe_plan
+from cluster import cluster_nodes, describe_plan
 from learners import storage
 from learners.metrics import RMatrix, at_chance, compute_metrics
 from orchestrator import checkpoints
@@ -223,7 +223,7 @@ class RunSession:
             )
 
         if pending:
-            self.console.print(describe_plan(len(pending), plan))
+            self.console.print(describe_plan(len(pending), plan, cluster_nodes()))
         retry = self.config.retries
         self.pool = pool = ActorPool(
             new_actor,

@@ -352,6 +352,7 @@ class Tracker:
             "train_time_s",
             "eval_time_s",
             "peak_memory_bytes",
+            "gpu_utilization_pct",
             "model_parameters",
             "stored_samples",
             "stored_bytes",

@@ -153,6 +153,7 @@ def test_a_removed_node_s_run_resumes_on_the_remaining_node_from_s3(s3_server, t
         out = driver.communicate(timeout=300)[0]
         print(f"recovered and finished {time.monotonic() - removed_at:.1f} s after the removal")
         assert driver.returncode == 0, out
+        assert "2 CPUs on 3 nodes → 2 concurrent runs at 1 CPU each · 2 runs on 2 actors" in out
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()

@@ -168,3 +168,36 @@ def test_a_registered_backbone_is_accepted_by_model_backbone_and_built():
         assert learner.model(stream[0].x_test[:3]).shape == (3, 10)
     finally:
         backbones.BACKBONES.pop("linear", None)
+
+
+def test_gpu_utilization_is_the_mean_of_what_the_sampler_read_while_the_block_ran():
+    import itertools
+    import time
+
+    from learners.evaluation import GpuUtilization
+
+    readings = itertools.cycle([20.0, 60.0])
+    with GpuUtilization(lambda: next(readings), every_s=0.01) as sampler:
+        time.sleep(0.2)
+    assert len(sampler.samples) >= 2 and sampler.mean == pytest.approx(
+        sum(sampler.samples) / len(sampler.samples)
+    )
+    assert set(sampler.samples) <= {20.0, 60.0}
+    count = len(sampler.samples)
+    time.sleep(0.05)
+    assert len(sampler.samples) == count  # stopped with the block
+    assert GpuUtilization.of(torch.device("cpu")) is None  # a CPU run reports none
+
+
+def test_a_gpu_run_logs_its_utilisation_per_task(monkeypatch):
+    """On a GPU (faked: a sampler that reads 42 %), each task event carries the mean."""
+    from learners import evaluation
+
+    monkeypatch.setattr(
+        evaluation.GpuUtilization, "of", classmethod(lambda cls, device: cls(lambda: 42.0, 0.01))
+    )
+    stream = build_stream(StreamConfig(name="split", source="digits", num_tasks=2,
+                                       train_per_task=40, test_per_task=20), seed=0)  # fmt: skip
+    learner = build_learner("finetune", stream.info, {}, seed=0)
+    events = list(evaluation.iter_stream(learner, stream))
+    assert [e["gpu_utilization_pct"] for e in events[1:]] == [42.0, 42.0]

@@ -131,6 +131,28 @@ def test_describe_plan_keeps_the_console_wording():
     assert describe_plan(8, (8, 0.25, 0.25)) == "8 runs on 8 actors · 0.25 CPU + 0.25 GPU per run"
 
 
+def test_a_plan_fits_runs_node_by_node_and_says_what_the_cluster_holds():
+    """8 GPUs on 2 nodes at a quarter GPU each: 32 concurrent runs; a run never spans nodes."""
+    nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0}]  # + a CPU head
+    quarter = ResourcesConfig(cpus_per_run=0.5, gpus_per_run=0.25)
+    plan = plan_actors(quarter, 100, nodes)
+    assert plan == (32, 0.5, 0.25)
+    assert describe_plan(100, plan, nodes).startswith(
+        "8 GPUs on 3 nodes → 32 concurrent runs at 0.25 GPU each · 100 runs on 32 actors"
+    )
+    # 1.5 GPUs on each of 4 nodes: 4 runs of one GPU, not 6 (the totals would say 6)
+    uneven = [{"CPU": 8.0, "GPU": 1.5}] * 4
+    assert plan_actors(ResourcesConfig(gpus_per_run=1), 10, uneven)[0] == 4
+    assert plan_actors(ResourcesConfig(gpus_per_run=1), 10, {"CPU": 32.0, "GPU": 6.0})[0] == 6
+    # a run bigger than every node is refused, though the cluster's total would hold it
+    with pytest.raises(ConfigError, match=r"cpus_per_run=6 does not fit any node .*at most 4$"):
+        plan_actors(ResourcesConfig(cpus_per_run=6), 3, [{"CPU": 4.0}, {"CPU": 4.0}])
+    cpu_plan = plan_actors(ResourcesConfig(cpus_per_run=2), 3, [{"CPU": 4.0}, {"CPU": 5.0}])
+    assert describe_plan(3, cpu_plan, [{"CPU": 4.0}, {"CPU": 5.0}]).startswith(
+        "9 CPUs on 2 nodes → 4 concurrent runs at 2 CPU each · 3 runs on 3 actors"
+    )
+
+
 # ---------------------------------------------------------------------------- check_address
 
 
@@ -191,3 +213,32 @@ def test_check_address_leaves_auto_and_local_to_ray_and_refuses_other_forms():
     for address in ("anyscale://my-cluster", "head:port", "head:70000", "http://head:8265"):
         with pytest.raises(ConfigError, match=r"\$RAY_ADDRESS="):
             check_address(address, timeout_s=0.1, key="$RAY_ADDRESS")
+
+
+def test_the_token_notice_of_a_ray_lia_starts_is_silenced_and_nothing_else():
+    """Ray >= 2.52 announces that it turned token authentication on for a local instance;
+    lia's is loopback-only, so that notice is dropped; a filter that dropped every warning
+    of that logger would also hide Ray's warning that authentication is *off*."""
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import logging
+from cluster import ensure_ray
+from orchestrator.config import RayConfig
+ensure_ray(RayConfig(num_cpus=1))
+import ray
+from ray._private.authentication import authentication_token_setup as setup
+setup._warn_token_auth_disabled()  # still reaches the user
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "Token authentication is enabled" not in text
+    assert "Token authentication is disabled" in text
+    assert not logging.getLogger("ray._private.authentication.authentication_token_setup").filters
