@@ -7,6 +7,7 @@ stands for a cluster; ``lia run`` drives it as a separate process, as a user wou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -169,3 +170,135 @@ def test_a_removed_node_s_run_resumes_on_the_remaining_node_from_s3(s3_server, t
     assert dict(zip(runs["run_key"], runs["R"], strict=True)) == reference  # bit-identical
     leftover = s3_server.list_objects_v2(Bucket=BUCKET, Prefix="lost-node/").get("Contents", [])
     assert not [o["Key"] for o in leftover if o["Key"].endswith("latest.pt")]  # finished: gone
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head started with ``ray start --head`` on 127.0.0.1, with its job server
+    (dashboard) and token authentication; stopped (only it) afterwards."""
+    import secrets
+    import shutil
+    import tempfile
+
+    gcs, dashboard = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="lia-ray-")  # short: Ray's socket paths must stay < 108
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # lia, for jobs
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # a separate process: Ray reads the token settings once per process
+            probe = subprocess.run(  # ready when the head's job agent runs a job
+                [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+                 "--", "true"],
+                env=env, capture_output=True, timeout=120,
+            )  # fmt: skip
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError(f"the Ray head's job server did not start: {probe.stderr}")
+            time.sleep(1)
+        yield address, env
+    finally:
+        head.terminate()  # --block: on SIGTERM the head drains and stops what it started
+        try:
+            head.wait(timeout=90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, 9)  # whatever is left of its session
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+JOB_PLUGIN = '''
+"""Only in the job's working dir: importable on the actors only if the working dir reached them."""
+from learners import register
+from learners.finetune import FineTune
+
+
+@register("finetune_from_job_dir")
+class FineTuneFromJobDir(FineTune):
+    pass
+'''
+
+
+def test_ray_job_submit_runs_lia_on_a_real_head_and_mlflow_gets_the_results(
+    ray_head, tracking_server, tmp_path
+):
+    """``ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- lia run``,
+    as the README says: the working dir reaches driver and actors (a plugin that exists only
+    there trains on them), local state stays behind, results land on the tracking server."""
+    address, env = ray_head
+    server = tracking_server
+    job_dir = tmp_path / "checkout"
+    job_dir.mkdir()
+    (job_dir / "lia_job_plugin.py").write_text(JOB_PLUGIN)
+    config = tiny_config(
+        job_dir,
+        name="submitted",
+        seeds=[0],
+        methods={"finetune_from_job_dir": {}},
+        plugins=["lia_job_plugin"],
+    )
+    config["stream"]["num_tasks"] = 2
+    config["tracking"] = {"uri": server}
+    config["checkpoints"] = {"dir": "checkpoints"}
+    write_config(job_dir, config)
+    for decoy in ("mlflow.db", "checkpoints/old.pt", ".venv/bin/python"):  # must not travel
+        (job_dir / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (job_dir / decoy).write_text("local state")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+         "--working-dir", str(job_dir), "--runtime-env",
+         str(repo / "cluster" / "runtime_env.yaml"), "--",
+         "sh", "-c", "test ! -e mlflow.db && test ! -e checkpoints/old.pt && test ! -e .venv "
+         "&& lia run submitted.yaml --no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in text, text
+    client = MlflowClient(tracking_uri=server)
+    experiment = client.get_experiment_by_name("submitted")
+    runs = client.search_runs([experiment.experiment_id], "tags.run_key != ''")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.params["method"] == "finetune_from_job_dir"
+    frame = load_experiment("submitted", tracking_uri=server)
+    assert len(frame) == 1 and len(frame.loc[0, "R"]) == 2  # a row per task
+    assert (job_dir / "mlflow.db").read_text() == "local state"  # nothing written here
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """``mlflow server`` on a free loopback port with its own store; its URI."""
+    import requests
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the MLflow server did not start within 90 s") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
