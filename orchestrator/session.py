@@ -11,6 +11,7 @@ logs its events to one MLflow child run however many attempts it takes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -68,6 +69,25 @@ def code_version() -> str:
             return "learnsitall " + version("learnsitall")
         except PackageNotFoundError:
             return "unknown"
+
+
+def phase_first(pending: list[RunSpec]) -> list[RunSpec]:
+    """``pending`` reordered so that runs sharing a phase (meta-training: same method,
+    hyperparameters and ``meta_training`` section, any seed) do not take several actors at
+    once: the first of each such group goes first, the runs without a phase next, the rest
+    of each group last. A second seed dispatched beside the first would hold an actor only to
+    wait for the first's phase (it is computed once, under a lock)."""
+    seen: set[str] = set()
+    first, plain, later = [], [], []
+    for spec in pending:
+        if "meta_training" not in spec.resolved:
+            plain.append(spec)
+            continue
+        shared = [spec.method, spec.resolved.get("hparams"), spec.resolved["meta_training"]]
+        group = json.dumps(shared, sort_keys=True, default=str)
+        (later if group in seen else first).append(spec)
+        seen.add(group)
+    return first + plain + later
 
 
 def lease_root(config: ExperimentConfig, uri: str) -> Path:
@@ -239,7 +259,7 @@ class RunSession:
             with self.view.progress:
                 # a run's lease is taken when an actor is free for it, so invocations started
                 # side by side share the work instead of one waiting for all of it
-                self.todo = deque(pending)
+                self.todo = deque(phase_first(pending))
                 pool.run(
                     self,
                     until_idle=lambda: (

@@ -339,3 +339,21 @@ def test_lia_run_meta_trains_once_for_two_seeds_and_logs_the_curve(tmp_path):
             assert [m.step for m in history] == list(range(1, 11)), metric
     cached = list((tmp_path / "checkpoints" / "phases").glob("*.pt"))
     assert len(cached) == 1 and not cached[0].name.endswith(".partial.pt")
+
+
+def test_runs_sharing_a_meta_training_do_not_take_several_actors_at_once():
+    from orchestrator.config import expand_runs, load_config
+    from orchestrator.session import phase_first
+
+    meta = {"source": "digits", "ways": 2, "episodes": 8, "batch": 4}
+    config = load_config({
+        "methods": {"lstm_meta": {}, "big": {"method": "lstm_meta", "hidden": 32},
+                    "finetune": {}},
+        "seeds": [0, 1, 2],
+        "stream": {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class"},
+        "meta_training": meta,
+    })  # fmt: skip
+    order = [(s.label, s.seed) for s in phase_first(expand_runs(config))]
+    assert order[:2] == [("lstm_meta", 0), ("big", 0)]  # one per meta-training first
+    assert order[2:5] == [("finetune", 0), ("finetune", 1), ("finetune", 2)]
+    assert sorted(order[5:]) == [("big", 1), ("big", 2), ("lstm_meta", 1), ("lstm_meta", 2)]
