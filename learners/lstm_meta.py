@@ -25,7 +25,8 @@ reached ~2×10^5), and never by re-showing an input after its label (that measur
 The loss on each episode's first sample (Loss_0) and on its last (Loss_n) are logged beside
 it as diagnostics only (``meta_training.first_loss`` / ``.last_loss``).
 
-**As a learner** (``lstm_meta``): ``learn(task)`` feeds ``samples_per_task`` of the task's
+**As a learner** (``lstm_meta``): ``learn(task)`` feeds ``samples_per_task`` (by default
+``meta_training.episode_length``: the task length it learned to learn from) of the task's
 training samples (input step, then feedback steps), in a random order drawn with the learner's
 generator, and changes no weight; the hidden state carries over from task to task (no reset).
 ``predict`` answers every query from a snapshot of that state: one input step each, batched,
@@ -64,7 +65,11 @@ class LSTMMetaHParams:
         high=8, search=(1, 3),
     )  # fmt: skip
     samples_per_task: int = hp(
-        100, help="training samples of each task fed with feedback at learn(); 0 = all", low=0
+        0,
+        help="training samples of each task fed with feedback at learn(); 0 = "
+        "meta_training.episode_length, the task length it was meta-trained on (measured on "
+        "split digits: 30 gives ACC 80%, 10 or 60 fall to 13-32%)",
+        low=0,
     )
 
 
@@ -235,6 +240,8 @@ def family_settings(meta: MetaTrainingConfig) -> dict[str, Any]:
                                                                             "dim")}  # fmt: skip
     for key in unused.get(meta.family, ()):
         settings.pop(key, None)
+    if not settings.get("queries"):
+        settings.pop("queries_from", None)  # no queries: when they would start is moot
     return settings
 
 
@@ -267,8 +274,9 @@ class MetaTraining(Phase):
         cfg = self.config
         if self._family is None:
             self._family = family_for(cfg, self.learner.info)
+        asked = cfg.queries if self._done >= cfg.queries_from * self.total_steps() else 0
         episodes = self._family.sample(
-            cfg.batch, cfg.episode_length, cfg.segments, self.generator, "meta", cfg.queries
+            cfg.batch, cfg.episode_length, cfg.segments, self.generator, "meta", asked
         ).to(self.learner.device)
         stats = meta_step(
             self.learner.model, self.optimizer, episodes, self.learner.hparams.feedback_steps,
@@ -365,10 +373,8 @@ class LSTMMeta(Learner):
         """Feed (input, feedback) for the task's samples; no weight changes."""
         self.model.eval()
         n = int(task.y_train.shape[0])
-        k = self.hparams.samples_per_task
-        order = torch.randperm(n, generator=self.generator)
-        if 0 < k < n:
-            order = order[:k]
+        k = self.hparams.samples_per_task or self.meta_config.episode_length
+        order = torch.randperm(n, generator=self.generator)[:k]
         order = order.to(task.x_train.device)
         chunk = 8  # samples per call: a stop request is seen within a few samples
         for start in range(0, order.numel(), chunk):

@@ -69,6 +69,14 @@ class MetaTrainingConfig:
         "stream's R matrix asks); the tasks of an episode then have distinct classes and labels",
         low=0,
     )
+    queries_from: float = hp(
+        0.5,
+        help="fraction of meta-training done before queries are scored: first learn each task "
+        "from feedback, then also keep them (a curriculum; with queries from the first step, "
+        "the LSTM never learned a task in context: measured)",
+        low=0.0,
+        high=1.0,
+    )
     batch: int = hp(16, help="episodes per meta-gradient step", low=1)
     lr: float = hp(1e-3, help="meta-learning rate (Adam)", gt=0.0, search=(1e-4, 1e-2), log=True)
     truncation: int = hp(

@@ -180,6 +180,23 @@ def test_queries_are_scored_and_their_gradient_crosses_task_ends():
     assert "query_loss" not in meta_step(model, opt, _episodes("classification")[1], 1, 8, 1.0)
 
 
+def test_queries_start_after_their_share_of_meta_training():
+    """queries_from=0.5: the first half of meta-training learns tasks, the second also keeps
+    them (queries scored); and the stream is fed episode_length samples a task by default."""
+    from learners.lstm_meta import MetaTraining
+
+    meta = MetaTrainingConfig(source="digits", ways=2, episodes=16, batch=4, episode_length=6,
+                              segments=2, queries=3, queries_from=0.5)  # fmt: skip
+    stream = digits_stream()
+    learner = build_learner("lstm_meta", stream.info, TINY | {"samples_per_task": 0}, seed=0,
+                            meta=meta)  # fmt: skip
+    phase = MetaTraining(learner)
+    asked = ["query_loss" in phase.step() for _ in range(phase.total_steps())]
+    assert asked == [False, False, True, True]
+    phase.apply(phase.result())
+    assert learner.learn(stream.tasks[0])["train_samples"] == 6  # meta_training.episode_length
+
+
 # ---------------------------------------------------------------------- as a learner
 def _trained_learner(seed=0, meta=DIGITS_META, cache=None, **hparams):
     stream = digits_stream()
