@@ -68,7 +68,11 @@ def join(root: str | os.PathLike, *parts: str) -> str:
 
 def _fs(path: str) -> tuple[Any, str]:
     import fsspec
+    import fsspec.config
 
+    # fsspec reads FSSPEC_* variables once, at import; read them again, so that variables set
+    # later in this process (a notebook, a test's server) count too
+    fsspec.config.set_conf_env(fsspec.config.conf)
     return fsspec.core.url_to_fs(path)
 
 
