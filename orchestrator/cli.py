@@ -33,7 +33,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     # imported after the config is read: a bad one is refused without loading Ray and MLflow
     from orchestrator.driver import execute, summary_table
 
-    result = execute(config, progress=not args.no_progress, console=console, reuse=args.reuse)
+    result = execute(
+        config,
+        progress=not args.no_progress,
+        console=console,
+        reuse=args.reuse,
+        overrides=list(args.overrides),
+    )
     if not result.summary.empty:
         Console().print(
             summary_table(
@@ -44,7 +50,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"runs: {c['done']} finished, {c['failed']} failed, {c['skipped']} skipped · "
         f"MLflow experiment {result.experiment!r} at {result.tracking_uri} "
-        f"(parent run {result.parent_run_id})"
+        + (
+            f"(parent run {result.parent_run_id})"
+            if result.parent_run_id
+            else "(nothing computed: no parent run)"
+        )
     )
     if result.tracking_uri.startswith("sqlite:"):
         console.print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # messages never broken mid-path
     handlers = {
         "run": _run,
         "report": _report,

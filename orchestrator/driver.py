@@ -17,6 +17,7 @@ The driver is the only process that writes to MLflow. One invocation:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import signal
@@ -38,6 +39,7 @@ from orchestrator.config import REUSE_MODES, ExperimentConfig, RunSpec, expand_r
 from orchestrator.pool import interrupted, note_interrupt
 from orchestrator.progress import summary_table
 from orchestrator.results import (
+    METRICS,
     RunResult,
     avg_acc_curves,
     runs_frame,
@@ -48,7 +50,7 @@ from orchestrator.results import (
 )
 from orchestrator.runner import format_error
 from orchestrator.session import RunSession, code_version, reused_result
-from orchestrator.tracking import Tracker, load_r_matrices, resolve_tracking_uri
+from orchestrator.tracking import Tracker, load_r_matrices, metric_name, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class ExperimentResult:
 
     experiment: str
     tracking_uri: str
-    parent_run_id: str
+    parent_run_id: str | None  # None when the invocation computed nothing
     runs: pd.DataFrame
     summary: pd.DataFrame
     counts: dict[str, int] = field(default_factory=dict)
@@ -86,17 +88,21 @@ def execute(
     console: Console | None = None,
     reuse: str = "same-code",
     tags: dict[str, str] | None = None,
+    overrides: list[str] | None = None,
 ) -> ExperimentResult:
     """Compute every run of ``config`` not already finished; log all of it to MLflow.
 
-    ``tags`` go on the invocation's parent run (``lia sweep`` marks the runs of a tuned
-    configuration with the study and protocol that chose it)."""
+    An invocation that computes something gets a parent run, named after the config and the
+    command line's ``overrides`` (or a short hash of the config when there are none), holding
+    the summary (artifacts, and ``ACC/<label>``-style metrics); one that only reuses finished
+    runs gets none (``parent_run_id`` None). ``tags`` go on the parent run (``lia sweep``
+    marks the runs of a tuned configuration with the study and protocol that chose it)."""
     from orchestrator import preflight
 
     preflight.check_run(config)
     if reuse not in REUSE_MODES:
         raise ConfigError(f"--reuse {reuse!r} is not accepted; expected one of {REUSE_MODES}")
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     experiment = config.tracking.experiment or config.name
     uri = resolve_tracking_uri(config.tracking.uri)
     runs = expand_runs(config)
@@ -143,17 +149,19 @@ def execute(
             note = f"ended {len(ended)} runs a dead invocation left RUNNING: {', '.join(ended)}"
             notes.append(note)
             console.print(f"[yellow]{escape(note)}[/]")
-        parent_id = tracker.start_parent(
-            f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            to_yaml(config),
-            {
-                "code_version": code_version(),
-                "runs.total": str(len(runs)),
-                "runs.skipped": str(len(skipped)),
-                "reuse": reuse,
-                **(tags or {}),
-            },
-        )
+        parent_id = None
+        if pending:  # an invocation that only reuses finished runs leaves no trace in MLflow
+            parent_id = tracker.start_parent(
+                parent_name(config, overrides),
+                to_yaml(config),
+                {
+                    "code_version": code_version(),
+                    "runs.total": str(len(runs)),
+                    "runs.skipped": str(len(skipped)),
+                    "reuse": reuse,
+                    **(tags or {}),
+                },
+            )
     except BaseException:
         stop_ray(started_ray, sigterm)
         raise
@@ -182,7 +190,8 @@ def execute(
             log.exception("could not summarise the runs")
             summary = pd.DataFrame()
             artifacts = {"summary_error.txt": format_error(err)}
-        tracker.finish_parent(parent_id, artifacts, status=status)
+        if parent_id is not None:
+            tracker.finish_parent(parent_id, artifacts, status, summary_metrics(summary))
     counts = dict(session.counts, running=0)
     return ExperimentResult(
         experiment, uri, parent_id, frame, summary, counts, session.arrivals, notes
@@ -258,6 +267,29 @@ def _reused_results(
         for result in results:
             result.r = matrices[result.mlflow_run_id]
     return results
+
+
+def parent_name(config: ExperimentConfig, overrides: list[str] | None) -> str:
+    """``quickstart: seeds=[0] train.lr=0.01 · 11-27 10:31``: what tells invocations apart in
+    the runs table (the overrides, else a short hash of the whole config), then the time."""
+    if overrides:
+        what = " ".join(overrides)
+        what = what if len(what) <= 60 else what[:57] + "..."
+    else:
+        what = "config " + hashlib.sha256(to_yaml(config).encode()).hexdigest()[:8]
+    return f"{config.name}: {what} · {time.strftime('%m-%d %H:%M')}"
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The parent run's metrics: each configuration's mean ``ACC``, ``BWT``, ``FWT`` and
+    ``forgetting`` over its seeds (``ACC/ewc``; fractions, like the child runs' metrics)."""
+    out = {}
+    for _, row in summary.iterrows():
+        for m in METRICS:
+            value = row.get(f"{m}_mean")
+            if value is not None and not pd.isna(value):
+                out[metric_name(f"{m}/{row['label']}")] = float(value)
+    return out
 
 
 def _parent_artifacts(runs: pd.DataFrame, summary: pd.DataFrame, name: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -167,6 +168,14 @@ def make_runner_class(cpus_per_run: float, gpus_per_run: float):
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal control sequences (Ray colours the errors it relays)."""
+    return _ANSI.sub("", text)
+
+
 def format_error(err: BaseException) -> str:
-    """The error text stored with a failed run."""
-    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    """The error text stored with a failed run: the traceback, as plain text."""
+    return plain_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))

@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.parse
@@ -243,10 +244,19 @@ class Tracker:
         self.client.set_tag(run_id, "lia.heartbeat", f"{time.time():.0f}")
 
     def finish_parent(
-        self, run_id: str, artifacts: dict[str, str | bytes], status: str = "FINISHED"
+        self,
+        run_id: str,
+        artifacts: dict[str, str | bytes],
+        status: str = "FINISHED",
+        metrics: dict[str, float] | None = None,
     ) -> None:
+        """End the invocation's run with its artifacts and summary ``metrics`` (such as
+        ``ACC/ewc``: the runs table then compares configurations at a glance)."""
         for name, content in artifacts.items():
             self._log_file(run_id, name, content)
+        if metrics:
+            ts = _now_ms()
+            self._log_metrics(run_id, [Metric(k, v, ts, 0) for k, v in metrics.items()])
         self.client.set_terminated(run_id, status)
 
     # ------------------------------------------------------------------ child runs
@@ -269,6 +279,7 @@ class Tracker:
             "lia.kind": "run",
             **(extra_tags or {}),
         }
+        tags["mlflow.note.content"] = describe_run(spec)  # the run page's description
         run = self.client.create_run(self.experiment_id, run_name=spec.run_name, tags=tags)
         run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in flatten(spec.resolved).items()]
@@ -415,6 +426,9 @@ class Tracker:
 
     def fail_child(self, run_id: str, error: str, status: str = "FAILED") -> None:
         """Mark a run FAILED (or KILLED) with its error text as ``error.txt``."""
+        from orchestrator.runner import plain_text
+
+        error = plain_text(error)
         self.flush(run_id)
         self.client.log_text(run_id, error, "error.txt")
         self.client.set_tag(
@@ -435,6 +449,32 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path))
         else:
             self.client.log_text(run_id, content, name)
+
+
+_METRIC_NAME = re.compile(r"[^\w\-. /:]")
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric name (letters, digits, ``_-. /:``; others become ``_``)."""
+    return _METRIC_NAME.sub("_", text)
+
+
+def describe_run(spec: RunSpec) -> str:
+    """The run's description (markdown, shown on its MLflow page): method, stream, seed and
+    the hyperparameters it was given."""
+    stream = spec.resolved["stream"]
+    scenario = stream.get("scenario")
+    what = f"{stream['name']} {stream.get('source', '')}".strip()
+    if scenario:
+        what += f", {scenario}-incremental"
+    what += f", {stream.get('num_tasks')} tasks"
+    hparams = spec.resolved.get("hparams") or {}
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(hparams.items())) or "none"
+    return (
+        f"**{spec.label}** (method `{spec.method}`) on {what}; seed {spec.seed}"
+        + (f", task order {spec.order_index}" if spec.order_index else "")
+        + f".\n\nHyperparameters: {settings}.\n\nRun key `{spec.run_key}`."
+    )
 
 
 def finished_child_runs(

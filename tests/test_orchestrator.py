@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import tiny_config, write_config
 from mlflow.tracking import MlflowClient
@@ -46,6 +48,12 @@ def test_lia_run_logs_parent_and_children(tiny_run, tmp_path):
         "runs.csv",
     } <= parent_files
     assert parent.data.tags["code_version"]
+    # told apart in the runs table: the config's name and a short hash of it; and the
+    # summary metrics of its configurations, to compare them at a glance
+    assert re.fullmatch(r"tiny: config [0-9a-f]{8} · \d\d-\d\d \d\d:\d\d", parent.info.run_name)
+    finetune_acc = [c.data.metrics["ACC"] for c in children if c.data.tags["label"] == "finetune"]
+    assert parent.data.metrics["ACC/finetune"] == pytest.approx(sum(finetune_acc) / 2)
+    assert {"ACC/replay", "BWT/replay", "forgetting/finetune"} <= set(parent.data.metrics)
     for child in children:
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id
@@ -53,6 +61,8 @@ def test_lia_run_logs_parent_and_children(tiny_run, tmp_path):
         assert tags["stream"] == "permuted" and tags["seed"] in {"0", "1"}
         assert len(tags["run_key"]) == 16
         assert child.info.status == "FINISHED"
+        note = tags["mlflow.note.content"]  # the run page's description
+        assert f"seed {tags['seed']}" in note and "permuted digits" in note and "3 tasks" in note
         params = child.data.params
         assert params["stream.name"] == "permuted" and params["train.lr"] == "0.1"
         if tags["method"] == "replay":
@@ -87,11 +97,15 @@ def test_second_invocation_creates_no_child_runs(tiny_run, capsys):
     assert main(["run", str(path), "--no-progress"]) == 0
     after = {r.info.run_id for r in _runs(client, "tiny", "run")}
     assert after == before
-    assert "4 of 4 runs already finished" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "4 of 4 runs already finished" in err and "nothing computed: no parent run" in err
+    assert len(_runs(client, "tiny", "invocation")) == 1  # no empty parent for it
     # a changed setting is a new run; the unchanged ones are still skipped
     assert main(["run", str(path), "--no-progress", "seeds=[0,1,2]"]) == 0
     newer = {r.info.run_id for r in _runs(client, "tiny", "run")}
     assert len(newer - before) == 2
+    names = sorted(p.info.run_name for p in _runs(client, "tiny", "invocation"))
+    assert len(names) == 2 and names[1].startswith("tiny: seeds=[0,1,2] · ")
 
 
 def test_failed_run_is_marked_and_others_finish(ray_local, tmp_path):

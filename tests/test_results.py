@@ -557,3 +557,30 @@ def test_the_report_marks_what_is_not_significantly_different_from_the_best():
     # runs pair by seed: a configuration run on other seeds has nothing to compare
     other = runs_frame([run("replay", 0, 0.9), run("replay", 1, 0.91), run("ewc", 5, 0.5)])
     assert summarize(other)["ACC_pairs"].tolist() == [2, 0]
+
+
+def test_error_texts_stored_with_runs_are_plain_text():
+    """Ray colours the errors it relays; error.txt and the error tag must not carry that."""
+    from orchestrator.runner import format_error, plain_text
+
+    coloured = (
+        "\x1b[36mray::StreamRunner.run()\x1b[39m (pid=1)\n\x1b[1m\x1b[31mValueError: bad\x1b[0m"
+    )
+    assert plain_text(coloured) == "ray::StreamRunner.run() (pid=1)\nValueError: bad"
+    try:
+        raise RuntimeError("\x1b[31mred\x1b[0m")
+    except RuntimeError as err:
+        text = format_error(err)
+    assert "RuntimeError: red" in text and "\x1b" not in text
+
+
+def test_a_failed_runs_error_is_stored_as_plain_text(tmp_path):
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "plain", str(tmp_path / "art"), 0)
+    experiment_id = tracker.ensure_experiment()
+    run_id = tracker.client.create_run(experiment_id).info.run_id
+    tracker.fail_child(run_id, "\x1b[31mValueError: bad\x1b[0m\n")
+    path = tracker.client.download_artifacts(run_id, "error.txt", str(tmp_path))
+    assert open(path).read() == "ValueError: bad\n"
+    assert tracker.client.get_run(run_id).data.tags["error"] == "ValueError: bad"
