@@ -316,7 +316,7 @@ def sweep(
     console: Console | None = None,
 ) -> list[StudyResult]:
     """Run every study of ``config``'s sweep until each has ``n_trials`` decided trials."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     preflight.check_run(config)
     studies.check_storage(config.sweep.storage)
     spaces = sweep_spaces(config)
