@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -50,11 +51,16 @@ class ProgressView:
 
 
 def summary_table(summary: pd.DataFrame, title: str) -> Table:
-    """The summary as a rich table (accuracy in %, mean ± std over seeds)."""
-    header, rows = table_rows(summary)
-    table = Table(title=title)
+    """The summary as a rich table (accuracy in %, mean ± std over seeds), compact enough for
+    an 80-column terminal or pipe: numbers never wrap; a long method name folds instead."""
+    header, rows = table_rows(summary, compact=True)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False)  # fmt: skip
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        if i == 0:
+            table.add_column(h, justify="left", overflow="fold")
+        else:
+            table.add_column(h, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table

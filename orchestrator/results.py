@@ -515,13 +515,14 @@ def _compare_with_best(rows: list[dict[str, Any]], groups: list[pd.DataFrame]) -
             )
 
 
-def _cell(mean: float, std: float, pct: bool = True) -> str:
+def _cell(mean: float, std: float, pct: bool = True, compact: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
     scale = 100.0 if pct else 1.0
+    digits, sep = (1, "±") if compact else (2, " ± ")
     if math.isnan(std):
-        return f"{mean * scale:.2f}"
-    return f"{mean * scale:.2f} ± {std * scale:.2f}"
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}{sep}{std * scale:.{digits}f}"
 
 
 def _count(summary: pd.DataFrame, column: str) -> pd.Series:
@@ -530,41 +531,47 @@ def _count(summary: pd.DataFrame, column: str) -> pd.Series:
     return summary[column].fillna(0).astype(int)
 
 
-def table_rows(summary: pd.DataFrame, spread: str = "std") -> tuple[list[str], list[list[str]]]:
+def table_rows(
+    summary: pd.DataFrame, spread: str = "std", compact: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """Header and string cells in %: mean ± std over seeds, or mean ± 95% CI (``spread="ci95"``).
 
     A ``failed`` column appears when any run failed, an ``at chance`` column when any
-    finished run is flagged at chance level.
+    finished run is flagged at chance level. ``compact``: one decimal, short headers and
+    verdicts, for a terminal of 80 columns.
     """
     failed, chance = _count(summary, "failed"), _count(summary, "at_chance")
     any_failed, any_chance = bool(failed.sum()), bool(chance.sum())
     compared = "ACC_p_vs_best" in summary and int(summary["ACC_p_vs_best"].notna().sum()) > 1
+    short = {"forgetting": "forget"} if compact else {}
     header = [
         "method",
         "n",
-        *(["failed"] if any_failed else []),
-        *(["at chance"] if any_chance else []),
-        *[f"{m} (%)" for m in METRICS],
-        *(["ACC vs best"] if compared else []),
+        *([("fail" if compact else "failed")] if any_failed else []),
+        *([("chance" if compact else "at chance")] if any_chance else []),
+        *[(f"{short.get(m, m)} %" if compact else f"{m} (%)") for m in METRICS],
+        *([("vs best" if compact else "ACC vs best")] if compared else []),
     ]
     rows = []
     for i, (_, s) in enumerate(summary.iterrows()):
         extra = [str(failed.iloc[i])] if any_failed else []
         extra += [str(chance.iloc[i])] if any_chance else []
-        cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"]) for m in METRICS]
+        cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"], compact=compact) for m in METRICS]
         if compared:
-            cells.append(_versus_best(s))
+            cells.append(_versus_best(s, compact))
         rows.append([str(s["label"]), str(int(s["n"])), *extra, *cells])
     return header, rows
 
 
-def _versus_best(row: pd.Series) -> str:
+def _versus_best(row: pd.Series, compact: bool = False) -> str:
     p, pairs = row["ACC_p_vs_best"], int(row["ACC_pairs"] or 0)
     if bool(row["ACC_best"]):
         return "best"
     if _missing(p):
         return "n/a"
     verdict = "not sig." if p >= SIGNIFICANCE else "worse"
+    if compact:  # the p-values are in the report's tables
+        return "n.s." if p >= SIGNIFICANCE else "worse"
     return f"{verdict} (p={p:.3g}, {pairs} pair{'s' if pairs != 1 else ''})"
 
 

@@ -584,3 +584,29 @@ def test_a_failed_runs_error_is_stored_as_plain_text(tmp_path):
     path = tracker.client.download_artifacts(run_id, "error.txt", str(tmp_path))
     assert open(path).read() == "ValueError: bad\n"
     assert tracker.client.get_run(run_id).data.tags["error"] == "ValueError: bad"
+
+
+def test_the_closing_table_fits_an_80_column_pipe_without_breaking_a_cell():
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.progress import summary_table
+    from orchestrator.results import SUMMARY_COLUMNS
+
+    rows = []
+    for label, acc in [("lstm_meta", 0.8037), ("ewc", 0.1732), ("a_very_long_label_x", 0.6)]:
+        row = dict.fromkeys(SUMMARY_COLUMNS)
+        row.update(label=label, method=label, n=2, failed=1, at_chance=1, ACC_pairs=2,
+                   ACC_best=label == "lstm_meta", ACC_p_vs_best=0.5)  # fmt: skip
+        for m, value in (("ACC", acc), ("BWT", -0.9562), ("FWT", -0.0123), ("forgetting", 0.9)):
+            row.update({f"{m}_mean": value, f"{m}_std": 0.0139, f"{m}_ci95": 0.12})
+        rows.append(row)
+    out = io.StringIO()
+    Console(file=out, width=80).print(summary_table(pd.DataFrame(rows), "t"))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = out.getvalue()
+    for cell in ("80.4±1.4", "-95.6±1.4", "-1.2±1.4", "90.0±1.4", "n.s.", "best"):
+        assert cell in text, cell  # whole, on one line
+    assert any(line.startswith("lstm_meta ") for line in lines)  # a usual label stays whole
