@@ -98,6 +98,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
         args.tracking_uri,
         config_key=args.config_key,
         latest=args.latest,
+        figure_format=args.figure_format,
     )
     if "md" in written:
         Console().print(written["md"].read_text())
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=["md", "csv", "latex"],
         help="table format(s); repeatable (default md)",
+    )
+    report.add_argument(
+        "--figure-format",
+        choices=["png", "pdf", "svg"],
+        default="png",
+        help="format of the figures (default png; pdf and svg are vector, for papers)",
     )
     report.add_argument("--out", help="output folder (default reports/EXPERIMENT)")
     report.add_argument(

@@ -301,6 +301,9 @@ def _parent_artifacts(runs: pd.DataFrame, summary: pd.DataFrame, name: str) -> d
     curves = {k: v for k, v in avg_acc_curves(runs).items() if v.size}
     if curves:
         png = io.BytesIO()
-        plots.accuracy_curves(curves, png, title=f"{name}: average accuracy on tasks seen")
+        colors = plots.palette(list(summary["label"]))  # the report's colours, too
+        plots.accuracy_curves(
+            curves, png, title=f"{name}: accuracy on tasks seen (mean ± std)", colors=colors
+        )
         artifacts["comparison.png"] = png.getvalue()
     return artifacts

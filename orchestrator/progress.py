@@ -54,8 +54,15 @@ def summary_table(summary: pd.DataFrame, title: str) -> Table:
     """The summary as a rich table (accuracy in %, mean ± std over seeds), compact enough for
     an 80-column terminal or pipe: numbers never wrap; a long method name folds instead."""
     header, rows = table_rows(summary, compact=True)
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
-                  collapse_padding=True, pad_edge=False)  # fmt: skip
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+        min_width=min(len(title), 80),  # the title on one line
+    )
     for i, h in enumerate(header):
         if i == 0:
             table.add_column(h, justify="left", overflow="fold")

@@ -15,10 +15,12 @@ from orchestrator.results import (
     METRICS,
     RunResult,
     avg_acc_curves,
+    forgetting_per_task,
     mean_r,
     runs_frame,
     runs_table,
     safe_name,
+    stream_description,
     summarize,
     to_csv,
     to_latex,
@@ -194,16 +196,24 @@ def write_report(
     *,
     config_key: str | None = None,
     latest: bool = False,
+    figure_format: str = "png",
 ) -> dict[str, Path]:
-    """Summary table(s), per-configuration R heatmaps and accuracy curves for ``experiment``.
+    """Summary table(s), per-configuration R heatmaps, accuracy curves and forgetting per
+    task for ``experiment``; figures as ``figure_format`` (png, pdf or svg), one colour per
+    configuration in all of them.
 
     ``config_key`` and ``latest`` select configurations as in :func:`load_experiment`. The
     returned paths are keyed by format (``md``, ``csv``, ``latex``), ``runs``,
-    ``heatmap_<display name>`` and ``curves``.
+    ``heatmap_<display name>``, ``curves`` and ``forgetting``.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"--format {unknown[0]!r} is unknown; accepted: {', '.join(FORMATS)}")
+    if figure_format not in plots.FIGURE_FORMATS:
+        raise ValueError(
+            f"--figure-format {figure_format!r} is unknown; accepted: "
+            f"{', '.join(plots.FIGURE_FORMATS)}"
+        )
     runs = load_experiment(experiment, tracking_uri, config_key=config_key, latest=latest)
     if runs.empty:
         raise ValueError(f"experiment {experiment!r} has no finished runs to report")
@@ -226,25 +236,36 @@ def write_report(
     runs_table(runs).to_csv(out / "runs.csv", index=False)
     written["runs"] = out / "runs.csv"
     curves = avg_acc_curves(runs)
+    colors = plots.palette(list(summary["label"]))
+    stream = stream_description(runs)
     files: set[str] = set()
-    for name, key in zip(summary["label"], summary["config_key"], strict=True):
+    last_tasks: list[str] = []
+    for name, key, method in zip(summary["label"], summary["config_key"], summary["method"],
+                                 strict=True):  # fmt: skip
         averaged = mean_r(runs, name)
         if averaged is None:  # no finished run with a full R: nothing to draw
             continue
         R, b, tasks = averaged
+        last_tasks = tasks
         stem = safe_name(name)
         if stem in files:
             stem = f"{stem}_{str(key)[:8]}"
         files.add(stem)
-        path = out / f"r_matrix_{stem}.png"
+        path = out / f"r_matrix_{stem}.{figure_format}"
         n = len(curves.get(name, []))
-        plots.r_heatmap(R, tasks, b, path, title=f"{name}: mean R over {n} runs")
+        what = name if name == method else f"{name} ({method})"
+        seeds = f"mean of {n} runs" if n != 1 else "1 run"
+        plots.r_heatmap(R, tasks, b, path, title=f"{what} on {stream}: R, {seeds}")
         written[f"heatmap_{name}"] = path
-    curves_path = out / "avg_accuracy.png"
+    curves_path = out / f"avg_accuracy.{figure_format}"
     plots.accuracy_curves(
-        curves,
-        curves_path,
-        title=f"{experiment}: average accuracy on tasks seen (mean ± std)",
+        curves, curves_path, title=f"{stream}: accuracy on tasks seen (mean ± std)", colors=colors
     )
     written["curves"] = curves_path
+    forgetting = forgetting_per_task(runs)
+    if forgetting:
+        path = out / f"forgetting.{figure_format}"
+        title = f"{stream}: forgetting per task (mean ± std)"
+        plots.forgetting_bars(forgetting, last_tasks, path, title=title, colors=colors)
+        written["forgetting"] = path
     return written

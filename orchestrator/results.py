@@ -387,6 +387,46 @@ def avg_acc_curves(runs: pd.DataFrame) -> dict[str, np.ndarray]:
     return curves
 
 
+def forgetting_per_task(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per configuration (display name), an array (runs, tasks − 1) of each task's forgetting
+    at the end of the stream (``learners.metrics``'s definition: its best accuracy before the
+    last task minus its final accuracy). Same runs as :func:`avg_acc_curves`."""
+    from learners.metrics import RMatrix, compute_metrics
+
+    out: dict[str, np.ndarray] = {}
+    if "R" not in runs:
+        return out
+    for name, group in _by_config(runs):
+        usable = _stackable(group)
+        if usable.empty:
+            continue
+        rows = []
+        for R in usable["R"]:
+            R = [[float(v) for v in row] for row in R]
+            width = len(R[0])  # "class": forgetting needs no random-init row
+            r = RMatrix([str(j) for j in range(width)], [0.0] * width, R)
+            rows.append(compute_metrics(r, "class").forgetting_per_task)
+        if rows and rows[0]:
+            out[name] = np.asarray(rows)
+    return out
+
+
+def stream_description(runs: pd.DataFrame) -> str:
+    """``split digits, class-IL, 5 tasks`` from the runs' params (the first run's)."""
+    params = next((p for p in runs.get("params", []) if isinstance(p, dict)), None) or {}
+    name = params.get("stream.name", "")
+    source = params.get("stream.source", "")
+    parts = [f"{name} {source}".strip() or "stream"]
+    scenario = params.get("stream.scenario")
+    if scenario in (None, "", "None"):  # the stream's default: the run records the scenario
+        scenario = next((s for s in runs.get("scenario", []) if isinstance(s, str)), None)
+    if scenario:
+        parts.append(f"{scenario}-IL")
+    if params.get("stream.num_tasks"):
+        parts.append(f"{params['stream.num_tasks']} tasks")
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------------- summary
 def _ci95(values: np.ndarray) -> float:
     n = len(values)

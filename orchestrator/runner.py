@@ -141,19 +141,32 @@ class StreamRunner:
             yield event
         r = r_matrix_from_events([t.name for t in stream], events)
         # rendering here keeps the driver (the single MLflow writer) free for other runs
-        yield {"kind": "artifacts", "files": {"r_matrix.png": heatmap_png(r)}}
+        title = heatmap_title(resolved)
+        yield {"kind": "artifacts", "files": {"r_matrix.png": heatmap_png(r, title)}}
 
     def forget(self, checkpoint_dir: str, run_key: str) -> None:
         """Delete a run's checkpoint once the driver has its results in MLflow."""
         checkpoints.remove(checkpoint_dir, run_key)
 
 
-def heatmap_png(r: RMatrix) -> bytes:
+def heatmap_title(resolved: dict[str, Any]) -> str:
+    """``ewc on split digits, class-IL: R, seed 0``: what the run's heatmap shows."""
+    stream = resolved["stream"]
+    what = resolved["label"]
+    if resolved["method"] != what:
+        what += f" ({resolved['method']})"
+    where = f"{stream['name']} {stream.get('source', '')}".strip()
+    if stream.get("scenario"):
+        where += f", {stream['scenario']}-IL"
+    return f"{what} on {where}: R, seed {resolved['seed']}"
+
+
+def heatmap_png(r: RMatrix, title: str = "R matrix") -> bytes:
     """The annotated R-matrix heatmap as PNG bytes."""
     from orchestrator import plots
 
     buffer = io.BytesIO()
-    plots.r_heatmap(r.R, r.tasks, r.random_init, buffer, title="R matrix")
+    plots.r_heatmap(r.R, r.tasks, r.random_init, buffer, title=title)
     return buffer.getvalue()
 
 

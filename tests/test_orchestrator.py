@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 
+import matplotlib.colors
 import pytest
 from conftest import tiny_config, write_config
 from mlflow.tracking import MlflowClient
 
 from learners.metrics import RMatrix, compute_metrics
-from orchestrator import load_experiment, run_experiment
+from orchestrator import load_experiment, plots, run_experiment
 from orchestrator.cli import main
 from orchestrator.report import write_report
 
@@ -140,7 +141,7 @@ def test_report_writes_tables_and_plots(tiny_run, tmp_path):
     md = written["md"].read_text()
     assert "finetune" in md and "replay" in md and "ACC (%)" in md
     assert written["latex"].read_text().startswith(r"\begin{tabular}")
-    for key in ("heatmap_finetune", "heatmap_replay", "curves"):
+    for key in ("heatmap_finetune", "heatmap_replay", "curves", "forgetting"):
         assert written[key].stat().st_size > 1000
     summary = written["csv"].read_text().splitlines()
     assert summary[0].startswith("label,method,n,ACC_mean")
@@ -158,6 +159,24 @@ def test_report_writes_tables_and_plots(tiny_run, tmp_path):
         == 0
     )
     assert (tmp_path / "cli" / "summary.md").exists()
+    # vector figures for a paper, titled with what they show, one colour per method in all
+    vector = write_report("tiny", tmp_path / "svg", ["md"], f"sqlite:///{tmp}/mlflow.db",
+                          figure_format="svg")  # fmt: skip
+    heatmap = vector["heatmap_replay"].read_text()
+    assert vector["heatmap_replay"].suffix == ".svg"
+    title = r">replay on permuted digits, domain-IL, 3 tasks: R, mean of \d runs<"
+    assert re.search(title, heatmap)
+    colours = {name: matplotlib.colors.to_hex(c) for name, c in plots.palette(
+        ["finetune", "replay"]).items()}  # fmt: skip
+    for figure in ("curves", "forgetting"):
+        text = vector[figure].read_text()
+        assert colours["finetune"] in text and colours["replay"] in text, figure
+    assert main(["report", "tiny", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out",
+                 str(tmp_path / "pdf"), "--figure-format", "pdf"]) == 0  # fmt: skip
+    pdfs = sorted(p.name for p in (tmp_path / "pdf").glob("*.pdf"))
+    assert pdfs == ["avg_accuracy.pdf", "forgetting.pdf", "r_matrix_finetune.pdf",
+                    "r_matrix_replay.pdf"]  # fmt: skip
+    assert (tmp_path / "pdf" / "forgetting.pdf").read_bytes().startswith(b"%PDF")
     assert (
         main(["report", "no-such-experiment", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]) == 2
     )

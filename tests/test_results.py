@@ -610,3 +610,22 @@ def test_the_closing_table_fits_an_80_column_pipe_without_breaking_a_cell():
     for cell in ("80.4±1.4", "-95.6±1.4", "-1.2±1.4", "90.0±1.4", "n.s.", "best"):
         assert cell in text, cell  # whole, on one line
     assert any(line.startswith("lstm_meta ") for line in lines)  # a usual label stays whole
+
+
+def test_accuracy_axes_fit_the_data_in_percent():
+    from orchestrator.plots import _limits
+
+    assert _limits(82.0, 90.0) == (75.0, 95.0)  # 82-90 % curves get the plot, not a tenth
+    assert _limits(1.0, 99.0) == (0.0, 100.0)
+    assert _limits(40.0, 41.0) == (35.0, 45.0)
+
+
+def test_forgetting_per_task_follows_the_metrics_definition():
+    from orchestrator.results import forgetting_per_task
+
+    R = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.1], [0.5, 0.7, 0.9]]
+    frame = pd.DataFrame({"label": ["m"], "config": ["m"], "method": ["m"],
+                          "status": ["FINISHED"], "R": [R], "config_key": ["k"]})  # fmt: skip
+    out = forgetting_per_task(frame)
+    # task 0: best 0.9 before the end, 0.5 at the end; task 1: 0.8 -> 0.7
+    assert out["m"].tolist() == [pytest.approx([0.4, 0.1])]
