@@ -41,11 +41,17 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         overrides=list(args.overrides),
     )
     if not result.summary.empty:
-        Console().print(
+        from orchestrator.results import significance_legend
+
+        out = Console(soft_wrap=True)
+        out.print(
             summary_table(
                 result.summary, f"{result.experiment}: mean ± std over seeds, accuracy in %"
             )
         )
+        legend = significance_legend(result.summary)
+        if legend:
+            out.print(legend, highlight=False)
     c = result.counts
     console.print(
         f"runs: {c['done']} finished, {c['failed']} failed, {c['skipped']} skipped · "

@@ -630,6 +630,18 @@ def significance_note(summary: pd.DataFrame) -> str | None:
     )
 
 
+def significance_legend(summary: pd.DataFrame) -> str | None:
+    """One line under the terminal table: what ``vs best`` means, and the smallest p the
+    seeds allow; None without that column."""
+    if "ACC_p_vs_best" not in summary or int(summary["ACC_p_vs_best"].notna().sum()) < 2:
+        return None
+    pairs = int(summary["ACC_pairs"].max())
+    line = f"vs best: paired test of ACC; n.s. = p >= {SIGNIFICANCE}"
+    if 2 / 2**pairs >= SIGNIFICANCE:
+        line += f", always with {pairs} seeds: run >= 6"
+    return line
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]

@@ -167,7 +167,10 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(
                     self.experiment,
                     artifact_location=self.artifact_location,
-                    # the MLflow 3 UI then opens on runs and charts, not on GenAI traces
+                    # MLflow's UI before 3.10 reads this tag and opens the experiment on its
+                    # runs, not on GenAI traces. From 3.10 on it ignores the tag: the sidebar's
+                    # GenAI / Model training switch, a setting of the browser, chooses instead
+                    # (no server or experiment setting does); see "Browsing results" in README
                     tags={"mlflow.experimentKind": "custom_model_development"},
                 )
             except MlflowException:  # another invocation created it a moment ago

@@ -629,3 +629,14 @@ def test_forgetting_per_task_follows_the_metrics_definition():
     out = forgetting_per_task(frame)
     # task 0: best 0.9 before the end, 0.5 at the end; task 1: 0.8 -> 0.7
     assert out["m"].tolist() == [pytest.approx([0.4, 0.1])]
+
+
+def test_the_terminal_legend_says_when_the_seeds_cannot_separate_anything():
+    from orchestrator.results import significance_legend
+
+    frame = pd.DataFrame({"ACC_p_vs_best": [1.0, 0.25], "ACC_pairs": [3, 3]})
+    three = significance_legend(frame)
+    assert "n.s. = p >= 0.05" in three and "3 seeds: run >= 6" in three and len(three) <= 80
+    frame["ACC_pairs"] = [6, 6]
+    assert "run >= 6" not in significance_legend(frame)
+    assert significance_legend(frame.iloc[:1]) is None  # one configuration: no column
