@@ -57,6 +57,12 @@ class TrainConfig:
     weight_decay: float = hp(0.0, help="L2 weight decay", low=0.0)
     reset_optimizer: bool = hp(False, help="rebuild the optimizer (fresh state) at each task")
     eval_batch_size: int = hp(2048, help="samples per forward pass when evaluating", low=1)
+    eval_every_steps: int = hp(
+        0,
+        help="also evaluate every task every N gradient steps during training (continual "
+        "evaluation: accuracy during training, the stability gap, min-ACC); 0 = off",
+        low=0,
+    )
 
 
 class TrainingStopped(RuntimeError):
@@ -188,6 +194,9 @@ class Learner:
         self.optimizer = self.make_optimizer()
         self.tasks_learned = 0
         self._should_stop: Callable[[], bool] | None = None
+        self.step_hook: Callable[[int], None] | None = None
+        """called with the task's step count after each gradient step of the base loop (the
+        continual evaluation of ``train.eval_every_steps``; see learners/evaluation.py)"""
 
     @classmethod
     def check_setup(cls, info: StreamInfo, meta: MetaTrainingConfig, where: str = "") -> None:
@@ -298,6 +307,8 @@ class Learner:
                 self.optimizer.step()
                 self.after_step(x, y, t)
                 steps += 1
+                if self.step_hook is not None:
+                    self.step_hook(steps)
             # Once weights are NaN every later loss is too, so the epoch's last loss tells; one
             # check per epoch keeps device syncs out of the hot loop.
             if loss is not None and not bool(torch.isfinite(loss.detach())):

@@ -12,18 +12,25 @@ from typing import Any
 import torch
 
 from learners.base import Learner
-from learners.metrics import RMatrix
+from learners.metrics import RMatrix, recency_bias
 from task_streams.base import TaskStream
 
 
 @torch.no_grad()
 def evaluate(learner: Learner, stream: TaskStream) -> list[float]:
     """Test accuracy of ``learner`` on every task of ``stream`` (one R row)."""
-    row = []
+    return _evaluate(learner, stream)[0]
+
+
+@torch.no_grad()
+def _evaluate(learner: Learner, stream: TaskStream) -> tuple[list[float], list[torch.Tensor]]:
+    """One R row and the predictions it was computed from (one tensor per task)."""
+    row, predictions = [], []
     for task in stream:
         predicted = learner.predict(task.x_test, task_id=task.id)
+        predictions.append(predicted)
         row.append(float((predicted == task.y_test).float().mean().item()))
-    return row
+    return row, predictions
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -92,29 +99,59 @@ def iter_stream(
     resuming at ``start_task`` > 0), then per task ``{"kind": "task", "task": i, "row": [...],
     "train_time_s", "eval_time_s", "steps", "peak_memory_bytes", model size, stored memory}``,
     and on a GPU whose utilisation can be read, ``gpu_utilization_pct`` while it trained.
+    With ``train.eval_every_steps`` = N > 0, a task event also carries ``curve``: the R-like
+    rows measured every N steps while it trained (``[{"step": k, "row": [...]}, ...]``). On a
+    class-incremental stream, a task event after the first carries ``recency_bias``
+    (:func:`learners.metrics.recency_bias`, from the same predictions as the row).
     """
     if start_task == 0:
         started = time.perf_counter()
         row = evaluate(learner, stream)
         yield {"kind": "init", "row": row, "eval_time_s": time.perf_counter() - started}
-    for task in stream.tasks[start_task:]:
+    every = getattr(learner.train_config, "eval_every_steps", 0)
+    class_il = stream.info.scenario == "class"
+    for position, task in enumerate(stream.tasks[start_task:], start=start_task):
         if learner.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(learner.device)
+        curve: list[dict[str, Any]] = []
+        during = 0.0  # seconds of evaluation inside the task's training
+
+        def measure(step: int, curve: list = curve) -> None:
+            nonlocal during
+            if step % every == 0:
+                began = time.perf_counter()
+                curve.append({"step": step, "row": evaluate(learner, stream)})
+                during += time.perf_counter() - began
+
+        learner.step_hook = measure if every else None
         started = time.perf_counter()
         sampler = GpuUtilization.of(learner.device)
-        with sampler or contextlib.nullcontext():
-            stats = learner.learn(task, should_stop=should_stop)
-            if learner.device.type == "cuda":
-                torch.cuda.synchronize(learner.device)
+        try:
+            with sampler or contextlib.nullcontext():
+                stats = learner.learn(task, should_stop=should_stop)
+                if learner.device.type == "cuda":
+                    torch.cuda.synchronize(learner.device)
+        finally:
+            learner.step_hook = None
         trained = time.perf_counter()
-        row = evaluate(learner, stream)
+        row, predictions = _evaluate(learner, stream)
         evaluated = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if every:
+            extra["curve"] = curve
+            extra["during_eval_time_s"] = during
+        if class_il and position > 0:
+            newest = set(stream.info.task_classes[position])
+            old = [int(p) for done in predictions[:position] for p in done.tolist()]
+            bias = recency_bias(old, newest)
+            if bias is not None:
+                extra["recency_bias"] = bias
         yield {
             "kind": "task",
             "task": task.id,
             "row": row,
-            "train_time_s": trained - started,
-            "eval_time_s": evaluated - trained,
+            "train_time_s": trained - started - during,
+            "eval_time_s": evaluated - trained + during,
             "steps": stats["steps"],
             "peak_memory_bytes": _peak_memory_bytes(learner.device),
             **learner.resources(),
@@ -122,7 +159,8 @@ def iter_stream(
                 {"gpu_utilization_pct": sampler.mean}
                 if sampler and sampler.mean is not None
                 else {}
-            ),  # fmt: skip
+            ),
+            **extra,
         }
 
 

@@ -197,3 +197,70 @@ def at_chance(final_row: list[float], chance: list[float], test_counts: list[int
     p = sum(c for _, c, _ in used) / t
     se = math.sqrt(sum(c * (1 - c) / n for _, c, n in used)) / t
     return acc <= p + AT_CHANCE_Z * se
+
+
+# ---------------------------------------------------------------------- continual evaluation
+@dataclass
+class ContinualEval:
+    """Metrics of accuracy measured *during* training (``train.eval_every_steps``), not only
+    after each task (De Lange et al. 2023, "Continual evaluation for lifelong learning").
+
+    - ``stability_gap``: mean over task switches t >= 1 and old tasks j < t of
+      R[t-1][j] - min(acc_j while task t trains): how far an old task dips right after a
+      switch, even when it recovers by the end of the task (which R cannot show);
+    - ``min_acc``: mean over tasks j < T-1 of the lowest accuracy on j measured at any point
+      after j was learned (during later tasks and at their ends): the worst case a deployed
+      model would have shown.
+    """
+
+    stability_gap: float | None
+    min_acc: float | None
+    gap_per_switch: list[float]
+    undefined: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"stability_gap": self.stability_gap, "min_acc": self.min_acc}
+
+
+NO_CURVE_REASON = (
+    "needs accuracy measured during training: set train.eval_every_steps (and a method that "
+    "trains by gradient steps)"
+)
+
+
+def continual_eval(R: list[list[float]], curves: list[list[list[float]]]) -> ContinualEval:
+    """Stability gap and min-ACC from R and, per task t, the rows measured while t trained.
+
+    ``curves[t]`` is the list of R-like rows (accuracy on every task) evaluated during the
+    training of task t, in order (the row at the end of t is ``R[t]``, not in ``curves[t]``).
+    """
+    t_count = len(R)
+    undefined: dict[str, str] = {}
+    if t_count < 2:
+        reason = ONE_TASK_REASON
+        return ContinualEval(None, None, [], {"stability_gap": reason, "min_acc": reason})
+    during = [list(curves[t]) if t < len(curves) else [] for t in range(t_count)]
+    if not any(during[1:]):
+        undefined["stability_gap"] = NO_CURVE_REASON
+    gaps: list[float] = []
+    for t in range(1, t_count):
+        if not during[t]:
+            continue
+        switch = [R[t - 1][j] - min(row[j] for row in during[t]) for j in range(t)]
+        gaps.append(_mean(switch))
+    lows = []
+    for j in range(t_count - 1):
+        seen = [row[j] for t in range(j + 1, t_count) for row in during[t]]
+        seen += [R[t][j] for t in range(j + 1, t_count)]
+        lows.append(min(seen))
+    gap = _mean(gaps) if gaps else None
+    return ContinualEval(gap, _mean(lows), gaps, undefined)
+
+
+def recency_bias(predicted_old: list[int], newest_classes: set[int]) -> float | None:
+    """Share of old tasks' test samples a class-incremental model assigns to the classes of
+    the task it learned last: about (newest classes / classes seen) for an unbiased model,
+    near 1 for one that forgot everything but the last task. None without old samples."""
+    if not predicted_old:
+        return None
+    return sum(p in newest_classes for p in predicted_old) / len(predicted_old)

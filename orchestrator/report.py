@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from learners.metrics import RMatrix
 from orchestrator import plots
 from orchestrator.results import (
+    CONTINUAL,
     METRICS,
     RunResult,
     avg_acc_curves,
@@ -73,7 +74,7 @@ def _result(key: str, run: Any, r: RMatrix | None) -> RunResult:
         run.info.run_id,
         scenario=tags.get("scenario"),
         r=r,
-        metrics={m: values.get(m) for m in METRICS},
+        metrics={m: values.get(m) for m in (*METRICS, *CONTINUAL)},
         train_time_s=values.get("train_time_s"),
         config_key=tags.get("config_key") or None,
         code_hash=tags.get("code_hash"),

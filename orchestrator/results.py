@@ -25,6 +25,8 @@ from scipy import stats
 from learners.metrics import RMatrix
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
+CONTINUAL = ("stability_gap", "min_acc", "recency_bias")
+"""continual-evaluation metrics (learners/metrics.py): reported when a run has them"""
 RUN_COLUMNS = (
     "label",
     "method",
@@ -33,6 +35,7 @@ RUN_COLUMNS = (
     "status",
     "scenario",
     *METRICS,
+    *CONTINUAL,
     "train_time_s",
     "run_key",
     "mlflow_run_id",
@@ -89,7 +92,7 @@ class RunResult:
             "order": self.order,
             "status": self.status,
             "scenario": self.scenario,
-            **{m: metrics.get(m) for m in METRICS},
+            **{m: metrics.get(m) for m in (*METRICS, *CONTINUAL)},
             "train_time_s": self.train_time_s,
             "run_key": self.run_key,
             "mlflow_run_id": self.mlflow_run_id,
@@ -451,7 +454,7 @@ SUMMARY_COLUMNS = (
     "label",
     "method",
     "n",
-    *(f"{m}_{s}" for m in METRICS for s in ("mean", "std", "ci95")),
+    *(f"{m}_{s}" for m in (*METRICS, *CONTINUAL) for s in ("mean", "std", "ci95")),
     *SUMMARY_EXTRA,
 )
 
@@ -474,7 +477,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         group = every[status.isin(DONE)]
         key = _key_of(_group_keys(every.iloc[:1])[0])
         row: dict[str, Any] = {"label": name, "method": every["method"].iloc[0], "n": len(group)}
-        for m in METRICS:
+        for m in (*METRICS, *CONTINUAL):
             values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
@@ -677,6 +680,22 @@ def to_markdown(summary: pd.DataFrame) -> str:
     note = significance_note(summary)
     if note:
         lines += ["", note]
+    present = [
+        m for m in CONTINUAL if f"{m}_mean" in summary and summary[f"{m}_mean"].notna().any()
+    ]
+    if present:
+        lines += ["", "Continual evaluation (%, mean ± 95% CI): stability gap = the dip of old "
+                  "tasks right after a task switch (needs train.eval_every_steps); min_acc = "
+                  "the lowest accuracy of an old task at any measured point; recency_bias = "
+                  "the share of old tasks' samples assigned to the newest task's classes "
+                  "(class-IL).", ""]  # fmt: skip
+        header = ["method", "n", *present]
+        rows = [
+            [str(r["label"]), str(int(r["n"])),
+             *(_cell(r[f"{m}_mean"], r[f"{m}_ci95"]) for m in present)]
+            for _, r in summary.iterrows()
+        ]  # fmt: skip
+        lines += _markdown_table(header, rows)
     failures = failure_lines(summary)
     if failures:
         lines += ["", "Failed runs:", ""]

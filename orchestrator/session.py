@@ -27,14 +27,14 @@ from rich.markup import escape
 
 from cluster import cluster_nodes, describe_plan
 from learners import storage
-from learners.metrics import RMatrix, at_chance, compute_metrics
+from learners.metrics import RMatrix, at_chance, compute_metrics, continual_eval
 from orchestrator import checkpoints
 from orchestrator.config import ExperimentConfig, RunSpec, flatten
 from orchestrator.leases import Lease, LeaseStore
 from orchestrator.liveness import HEARTBEAT_S
 from orchestrator.pool import ActorPool, Job, is_system_failure
 from orchestrator.progress import ProgressView
-from orchestrator.results import METRICS, RunResult
+from orchestrator.results import CONTINUAL, METRICS, RunResult
 from orchestrator.runner import format_error, make_runner_class
 from orchestrator.tracking import Tracker, load_r_matrices, sqlite_path
 
@@ -108,7 +108,7 @@ def reused_result(spec: RunSpec, run: Any) -> RunResult:
         "SKIPPED",
         run.info.run_id,
         scenario=tags.get("scenario"),
-        metrics={m: metrics.get(m) for m in METRICS},
+        metrics={m: metrics.get(m) for m in (*METRICS, *CONTINUAL)},
         train_time_s=metrics.get("train_time_s"),
         code_hash=tags.get("code_hash", spec.code_hash),
         attempts=int(tags.get("attempts", 1)),
@@ -156,6 +156,10 @@ class RunState:
     logged_tasks: set[int] = field(default_factory=set)
     phase_logged_step: int = 0
     """the last phase-curve step logged to MLflow (a retried attempt re-sends earlier ones)"""
+    task_steps: dict[int, int] = field(default_factory=dict)
+    """gradient steps of each finished task: where its continual-evaluation curve starts"""
+    curves: dict[int, list[list[float]]] = field(default_factory=dict)
+    recency: dict[int, float] = field(default_factory=dict)
 
     def new_attempt(self) -> None:
         """An attempt re-yields its checkpoint's events: rebuild the view from them."""
@@ -492,10 +496,18 @@ class RunSession:
         state.eval_time_s += event["eval_time_s"]
         state.last = event
         task = int(event["task"])
+        state.task_steps[task] = int(event.get("steps", 0))
+        if "curve" in event:
+            state.curves[task] = [point["row"] for point in event["curve"]]
+        if event.get("recency_bias") is not None:
+            state.recency[task] = float(event["recency_bias"])
         if task in state.logged_tasks:  # re-yielded by a retried attempt: logged already
             return False
         state.logged_tasks.add(task)
         self.tracker.log_task_row(state.run_id, state.r, event)
+        if "curve" in event:  # accuracy during training, on the run's global step axis
+            offset = sum(state.task_steps.get(t, 0) for t in range(task))
+            self.tracker.log_task_curve(state.run_id, event, offset)
         return True
 
     def _on_phase(self, state: RunState, event: dict[str, Any]) -> bool:
@@ -542,6 +554,13 @@ class RunSession:
         ):
             if key in state.last:
                 totals[key] = float(state.last[key])
+        tasks = len(state.r.R)
+        continual = continual_eval(state.r.R, [state.curves.get(t, []) for t in range(tasks)])
+        for key, value in continual.as_dict().items():
+            if value is not None:
+                totals[key] = value
+        if state.recency:
+            totals["recency_bias"] = sum(state.recency.values()) / len(state.recency)
         final = state.r.R[-1]
         chance = state.chance or [0.0] * len(final)
         counts = state.test_counts or [0] * len(final)
@@ -570,7 +589,7 @@ class RunSession:
             state.run_id,
             scenario=state.scenario,
             r=state.r,
-            metrics=metrics.as_dict(),
+            metrics={**metrics.as_dict(), **{m: totals.get(m) for m in CONTINUAL}},
             train_time_s=state.train_time_s,
             attempts=attempts,
             at_chance=flagged,

@@ -367,6 +367,7 @@ class Tracker:
             "eval_time_s",
             "peak_memory_bytes",
             "gpu_utilization_pct",
+            "recency_bias",
             "model_parameters",
             "stored_samples",
             "stored_bytes",
@@ -376,6 +377,19 @@ class Tracker:
         self._buffer.setdefault(run_id, []).extend(metrics)
         if time.monotonic() - self._last_flush.get(run_id, 0.0) >= self.flush_interval_s:
             self.flush(run_id)
+
+    def log_task_curve(self, run_id: str, event: dict[str, Any], offset: int) -> None:
+        """Accuracy measured during a task's training (``train.eval_every_steps``) as
+        ``during_acc_task_{j}`` at the run's global gradient step, then the row at the task's
+        end: in the UI, each task's chart shows its accuracy *during* training."""
+        ts = _now_ms()
+        points = [*event["curve"], {"step": int(event.get("steps", 0)), "row": event["row"]}]
+        metrics = [
+            Metric(f"during_acc_task_{j}", float(v), ts, offset + int(point["step"]))
+            for point in points
+            for j, v in enumerate(point["row"])
+        ]
+        self._buffer.setdefault(run_id, []).extend(metrics)
 
     def flush_all(self) -> None:
         """Write every run's buffered metrics."""

@@ -201,3 +201,27 @@ def test_a_gpu_run_logs_its_utilisation_per_task(monkeypatch):
     learner = build_learner("finetune", stream.info, {}, seed=0)
     events = list(evaluation.iter_stream(learner, stream))
     assert [e["gpu_utilization_pct"] for e in events[1:]] == [42.0, 42.0]
+
+
+def test_continual_evaluation_measures_during_training_and_changes_no_result():
+    """train.eval_every_steps: rows every N steps inside each task, the same R as without
+    (evaluation draws no random number and leaves the model as it found it), recency bias on
+    a class-incremental stream, and the time it takes counted as evaluation, not training."""
+    stream = digits_split("class")
+    base = dict(epochs=3, batch_size=32, optimizer="adam", lr=1e-3)
+    plain = build_learner("finetune", stream.info, model=MODEL, train=TrainConfig(**base), seed=0)
+    measured = build_learner("finetune", stream.info, model=MODEL, seed=0,
+                             train=TrainConfig(**base, eval_every_steps=5))  # fmt: skip
+    without = list(iter_stream(plain, stream))
+    within = list(iter_stream(measured, stream))
+    assert [e["row"] for e in within] == [e["row"] for e in without]  # bit-identical R
+    for event in within[1:]:
+        steps = [p["step"] for p in event["curve"]]
+        assert steps == list(range(5, event["steps"] + 1, 5))
+        assert all(len(p["row"]) == 2 for p in event["curve"])
+        assert event["during_eval_time_s"] > 0
+    assert "curve" not in without[1]
+    # the curve ends where R's row begins: task 1's accuracy climbs during its training
+    assert within[2]["curve"][0]["row"][1] < within[2]["row"][1]
+    # fine-tuning on class-IL sends old samples to the newest classes: recency bias near 1
+    assert within[2]["recency_bias"] > 0.9 and "recency_bias" not in within[1]

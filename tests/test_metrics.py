@@ -134,3 +134,37 @@ def test_summary_counts_failures_and_aggregates_over_seeds():
     table = to_markdown(summary.reset_index())
     assert "| a | 2 | 0 | 60.00 ± 14.14 |" in table and "| b | 0 | 1 | n/a |" in table
     assert "| a | 2 | 0 | 60.00 ± 127.06 |" in table  # the 95% interval table
+
+
+def test_continual_evaluation_metrics_against_hand_worked_curves():
+    from learners.metrics import NO_CURVE_REASON, continual_eval
+
+    # 3 tasks; task 0 reaches 0.9, dips to 0.3 early in task 1 and recovers to 0.8 by its
+    # end; during task 2 it dips to 0.5 and ends at 0.7. Task 1 reaches 0.9, dips to 0.4.
+    R = [[0.9, 0.1, 0.1], [0.8, 0.9, 0.1], [0.7, 0.6, 0.9]]
+    curves = [
+        [[0.5, 0.1, 0.1]],  # during task 0 (no old task: unused)
+        [[0.3, 0.5, 0.1], [0.6, 0.8, 0.1]],  # during task 1
+        [[0.5, 0.4, 0.6], [0.6, 0.5, 0.8]],  # during task 2
+    ]
+    m = continual_eval(R, curves)
+    # switch 1: task 0 from 0.9 to min 0.3 -> 0.6; switch 2: task 0 0.8 -> 0.5 (0.3),
+    # task 1 0.9 -> 0.4 (0.5): mean 0.4; overall mean of the switches (0.6 + 0.4) / 2
+    assert m.gap_per_switch == pytest.approx([0.6, 0.4])
+    assert m.stability_gap == pytest.approx(0.5)
+    # min-ACC: task 0's lowest after it was learned 0.3, task 1's 0.4 -> 0.35
+    assert m.min_acc == pytest.approx(0.35)
+    # R alone hides the dip: its forgetting of task 0 is only 0.2
+    assert max(r[0] for r in R[:2]) - R[2][0] == pytest.approx(0.2)
+    # without curves: min-ACC from R only, no stability gap (with the reason)
+    bare = continual_eval(R, [])
+    assert bare.stability_gap is None and bare.undefined["stability_gap"] == NO_CURVE_REASON
+    assert bare.min_acc == pytest.approx((0.7 + 0.6) / 2)
+
+
+def test_recency_bias_is_the_share_of_old_samples_sent_to_the_newest_classes():
+    from learners.metrics import recency_bias
+
+    assert recency_bias([4, 5, 4, 0, 1, 2], {4, 5}) == pytest.approx(0.5)
+    assert recency_bias([4, 4, 5], {4, 5}) == 1.0
+    assert recency_bias([], {4, 5}) is None

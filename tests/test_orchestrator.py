@@ -234,3 +234,27 @@ def test_class_incremental_runs_leave_fwt_out_with_a_reason(ray_local, tmp_path)
     assert "FWT" not in child.data.metrics and "BWT" in child.data.metrics
     assert "class-incremental" in child.data.tags["undefined.FWT"]
     assert child.data.tags["scenario"] == "class"
+
+
+def test_continual_evaluation_reaches_mlflow_on_a_global_step_axis(ray_local, tmp_path):
+    config = tiny_config(tmp_path, name="during", seeds=[0], methods={"finetune": {}})
+    config["stream"] = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class",
+                        "train_per_task": 100, "test_per_task": 50}  # fmt: skip
+    config["train"]["eval_every_steps"] = 4
+    assert main(["run", str(write_config(tmp_path, config)), "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = _runs(client, "during", "run")
+    history = sorted(client.get_metric_history(child.info.run_id, "during_acc_task_0"),
+                     key=lambda m: m.step)  # fmt: skip
+    steps = [m.step for m in history]
+    # 100 samples / batch 10 = 10 steps a task: measured at 4, 8 and the end (10), then
+    # 14, 18, 20 on the run's global axis
+    assert steps == [4, 8, 10, 14, 18, 20]
+    r = load_experiment("during", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").loc[0, "R"]
+    assert [history[2].value, history[5].value] == pytest.approx([r[0][0], r[1][0]])
+    metrics = child.data.metrics
+    assert {"stability_gap", "min_acc", "recency_bias"} <= set(metrics)
+    assert metrics["min_acc"] <= min(m.value for m in history[3:]) + 1e-9
+    report = write_report("during", tmp_path / "report", ["md"], f"sqlite:///{tmp_path}/mlflow.db")
+    md = report["md"].read_text()
+    assert "Continual evaluation" in md and "| stability_gap | min_acc | recency_bias |" in md

@@ -217,7 +217,7 @@ def test_runs_frame_columns_and_csv_table():
         ]
     )
     assert list(frame.columns) == list(RUN_COLUMNS)
-    assert list(frame.columns[:16]) == [
+    assert list(frame.columns[:19]) == [
         "label",
         "method",
         "seed",
@@ -228,6 +228,9 @@ def test_runs_frame_columns_and_csv_table():
         "BWT",
         "FWT",
         "forgetting",
+        "stability_gap",
+        "min_acc",
+        "recency_bias",
         "train_time_s",
         "run_key",
         "mlflow_run_id",
