@@ -16,6 +16,14 @@ Prints, as `name: value` lines:
   invocation_overhead_s     median per-invocation fixed cost: MLflow store, actor start,
                             stream build, logging (wall time - actor train - actor eval)
   startup_cost_s            ray_start_s + invocation_overhead_s
+  bare_eval_s               median time of a bare evaluator (eval mode, no grad, batches of
+                            2,048, argmax) filling R's rows after each task, all test sets,
+                            in the same fresh process as bare_train_s
+  orchestrated_eval_s       median eval_time_s of the run (the same rows, inside the actor)
+  eval_time_ratio           orchestrated / bare evaluation (target <= 1.10)
+  continual_eval_cost       (train + eval time) with train.eval_every_steps=EVAL_EVERY over
+                            the same without: what continual evaluation costs (it evaluates
+                            every task 1,000 / EVAL_EVERY more times per task)
 
     python benchmarks/overhead.py          # full: 5 repetitions
     python benchmarks/overhead.py --quick  # 2 repetitions, 5 tasks (< 2 minutes)
@@ -38,6 +46,8 @@ TEST_PER_TASK = 1000
 HIDDEN = [100, 100]
 BATCH = 10
 LR = 0.1
+EVAL_EVERY = 100  # continual evaluation: every task every 100 steps (10 times per task)
+EVAL_BATCH = 2048  # the learners' train.eval_batch_size default
 REPETITIONS = 5
 QUICK = {"TASKS": 5, "REPETITIONS": 2}
 # ------------------------------------------------------------------------
@@ -61,8 +71,23 @@ def check_idle() -> None:
         )
 
 
-def bare_loop(stream, seed: int) -> float:
-    """The reference: a plain PyTorch loop with data as tensors and batches by index."""
+@torch.no_grad()
+def bare_evaluate(model, stream) -> list[float]:
+    """The reference evaluator: one R row, plain PyTorch."""
+    model.eval()
+    row = []
+    for task in stream:
+        hits = 0
+        for i in range(0, task.num_test, EVAL_BATCH):
+            x, y = task.x_test[i : i + EVAL_BATCH], task.y_test[i : i + EVAL_BATCH]
+            hits += int((model(x).argmax(dim=1) == y).sum())
+        row.append(hits / task.num_test)
+    return row
+
+
+def bare_loop(stream, seed: int, timings: dict | None = None) -> float:
+    """The reference: a plain PyTorch loop with data as tensors and batches by index;
+    ``timings["eval"]`` gets the bare evaluator's time (R's rows after each task)."""
     torch.manual_seed(seed)
     layers, width = [nn.Flatten()], 784
     for h in HIDDEN:
@@ -82,14 +107,18 @@ def bare_loop(stream, seed: int) -> float:
             F.cross_entropy(model(task.x_train[idx]), task.y_train[idx]).backward()
             optimizer.step()
         total += time.perf_counter() - start
+        if timings is not None:
+            start = time.perf_counter()
+            bare_evaluate(model, stream)
+            timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - start
     return total
 
 
-def orchestrated(tmp: str, rep: int) -> tuple[float, float, float]:
+def orchestrated(tmp: str, rep: int, eval_every: int = 0) -> tuple[float, float, float]:
     """(actor train time, actor eval time, invocation wall time) of one `lia run`."""
     config = load_config(
         {
-            "name": f"overhead{rep}",
+            "name": f"overhead{rep}-e{eval_every}",
             "methods": {"finetune": {}},
             "seeds": [0],
             "stream": {
@@ -100,7 +129,13 @@ def orchestrated(tmp: str, rep: int) -> tuple[float, float, float]:
                 "test_per_task": TEST_PER_TASK,
             },
             "model": {"hidden": HIDDEN},
-            "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "optimizer": "sgd"},
+            "train": {
+                "epochs": 1,
+                "batch_size": BATCH,
+                "lr": LR,
+                "optimizer": "sgd",
+                "eval_every_steps": eval_every,
+            },  # fmt: skip
             "resources": {"cpus_per_run": 1, "max_concurrent_runs": 1},
             "tracking": {"uri": f"sqlite:///{tmp}/mlflow{rep}.db"},
             "checkpoints": {"dir": f"{tmp}/checkpoints"},
@@ -130,11 +165,13 @@ def make_stream():
     )
 
 
-def bare_in_fresh_process(quick: bool) -> float:
-    """The bare loop in a new Python process: cold, like the actor's one run per process."""
+def bare_in_fresh_process(quick: bool) -> tuple[float, float]:
+    """(train, eval) seconds of the bare loop in a new Python process: cold, like the actor's
+    one run per process."""
     command = [sys.executable, __file__, "--bare-once", *(["--quick"] if quick else [])]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    train, evaluation = out.strip().splitlines()[-1].split()
+    return float(train), float(evaluation)
 
 
 def main() -> None:
@@ -147,7 +184,9 @@ def main() -> None:
         TASKS, REPETITIONS = QUICK["TASKS"], QUICK["REPETITIONS"]
     torch.set_num_threads(1)
     if args.bare_once:
-        print(bare_loop(make_stream(), seed=0))
+        timings: dict = {}
+        train = bare_loop(make_stream(), seed=0, timings=timings)
+        print(train, timings["eval"])
         return
     check_idle()
     stream = make_stream()
@@ -155,13 +194,19 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - start
     bare, warm, orch, overhead = [], [], [], []
+    bare_eval, orch_eval, continual = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(REPETITIONS):
-            bare.append(bare_in_fresh_process(args.quick))
+            train_cold, eval_cold = bare_in_fresh_process(args.quick)
+            bare.append(train_cold)
+            bare_eval.append(eval_cold)
             warm.append(bare_loop(stream, seed=0))
             train, evaluation, wall = orchestrated(tmp, rep)
             orch.append(train)
+            orch_eval.append(evaluation)
             overhead.append(wall - train - evaluation)
+            train_c, evaluation_c, _ = orchestrated(tmp, rep, EVAL_EVERY)
+            continual.append((train_c + evaluation_c) / (train + evaluation))
     ray.shutdown()
     bare_s, orch_s = statistics.median(bare), statistics.median(orch)
     invocation = statistics.median(overhead)
@@ -175,6 +220,14 @@ def main() -> None:
     print(f"ray_start_s: {ray_start:.2f}")
     print(f"invocation_overhead_s: {invocation:.2f}")
     print(f"startup_cost_s: {ray_start + invocation:.2f}")
+    be, oe = statistics.median(bare_eval), statistics.median(orch_eval)
+    print(f"bare_eval_s: {be:.3f} (min {min(bare_eval):.3f}, max {max(bare_eval):.3f})")
+    print(f"orchestrated_eval_s: {oe:.3f} (min {min(orch_eval):.3f}, max {max(orch_eval):.3f})")
+    print(f"eval_time_ratio: {oe / be:.3f}")
+    print(
+        f"continual_eval_cost: {statistics.median(continual):.2f} "
+        f"(min {min(continual):.2f}, max {max(continual):.2f}; every {EVAL_EVERY} steps)"
+    )
 
 
 if __name__ == "__main__":
