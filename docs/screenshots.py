@@ -11,7 +11,9 @@ Chromium (Debian's ``chromium``, driven by Playwright from the dev extra) at 128
 - ``run-forgetting-curve.png``: a child run's *Model metrics* tab filtered to ``acc_task_0``,
   the accuracy on task 0 after each task (its forgetting curve), and
   ``run-forgetting-curve-large.png``, that chart full screen;
-- ``run-r-matrix.png``: the child run's *Artifacts* tab showing the heatmap ``r_matrix.png``.
+- ``run-r-matrix.png``: the child run's *Artifacts* tab showing the heatmap ``r_matrix.png``;
+- ``report-avg-accuracy.png``, ``report-forgetting.png``, ``report-r-matrix.png``: the
+  figures ``lia report`` writes for the same experiment.
 
 As a user would on MLflow >= 3.10, it first chooses *Model training* in the sidebar's
 GenAI / Model training switch (a first visit opens experiments on the GenAI overview), and
@@ -40,7 +42,7 @@ CHILD = "finetune-s0"  # the run whose forgetting curve and R matrix are shown
 CONFIG = {
     "name": NAME,
     "methods": {"finetune": {}, "replay": {"buffer_size": 200}},
-    "seeds": [0],
+    "seeds": [0, 1],
     "stream": {
         "name": "permuted",
         "source": "digits",
@@ -167,6 +169,24 @@ def save(page, path: Path) -> Path:
     return path
 
 
+def report_figures(uri: str, report: Path, out: Path) -> list[Path]:
+    """``lia report``'s figures of the same experiment, copied as ``report-*.png``."""
+    from orchestrator.report import write_report
+
+    written = write_report(NAME, report, ["md"], uri)
+    copies = []
+    figures = {
+        "curves": "report-avg-accuracy.png",
+        "forgetting": "report-forgetting.png",
+        "heatmap_finetune": "report-r-matrix.png",
+    }
+    for key, name in figures.items():
+        target = out / name
+        shutil.copyfile(written[key], target)
+        copies.append(target)
+    return copies
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "img")
@@ -178,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         server, uri = start_server(root)
         try:
             run_lia(root, uri)
-            for path in shoot(uri, args.chromium, args.out):
+            shots = shoot(uri, args.chromium, args.out)
+            shots += report_figures(uri, root / "report", args.out)
+            for path in shots:
                 print(f"{path} ({path.stat().st_size // 1024} KB)")
         finally:
             server.terminate()
