@@ -108,7 +108,7 @@ def iter_stream(
         started = time.perf_counter()
         row = evaluate(learner, stream)
         yield {"kind": "init", "row": row, "eval_time_s": time.perf_counter() - started}
-    every = getattr(learner.train_config, "eval_every_steps", 0)
+    every = learner.train_config.eval_every_steps
     class_il = stream.info.scenario == "class"
     for position, task in enumerate(stream.tasks[start_task:], start=start_task):
         if learner.device.type == "cuda":

@@ -368,26 +368,23 @@ def mean_r(runs: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray | None
     return R, b, [str(t) for t in tasks]
 
 
-def avg_acc_curves(runs: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Per configuration (display name), an array (runs, tasks) of the average accuracy on the
-    tasks seen after each task.
-
-    Only finished or skipped runs with a full-length R count; a configuration without any
-    (every run failed) is left out.
-    """
-    curves: dict[str, np.ndarray] = {}
+def _per_run(runs: pd.DataFrame, of_r: Any) -> dict[str, np.ndarray]:
+    """Per configuration (display name), ``of_r(R)`` of each finished or skipped run with a
+    full-length R, stacked (runs, ...); a configuration without any is left out."""
+    out: dict[str, np.ndarray] = {}
     if "R" not in runs:
-        return curves
+        return out
     for name, group in _by_config(runs):
         usable = _stackable(group)
-        if usable.empty:
-            continue
-        per_run = []
-        for R in usable["R"]:
-            R = _matrix(R)
-            per_run.append([R[i, : i + 1].mean() for i in range(R.shape[0])])
-        curves[name] = np.asarray(per_run)
-    return curves
+        if not usable.empty:
+            out[name] = np.asarray([of_r(_matrix(R)) for R in usable["R"]])
+    return out
+
+
+def avg_acc_curves(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per configuration (display name), an array (runs, tasks) of the average accuracy on the
+    tasks seen after each task (runs as :func:`_per_run` keeps them)."""
+    return _per_run(runs, lambda R: [R[i, : i + 1].mean() for i in range(R.shape[0])])
 
 
 def forgetting_per_task(runs: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -396,22 +393,13 @@ def forgetting_per_task(runs: pd.DataFrame) -> dict[str, np.ndarray]:
     last task minus its final accuracy). Same runs as :func:`avg_acc_curves`."""
     from learners.metrics import RMatrix, compute_metrics
 
-    out: dict[str, np.ndarray] = {}
-    if "R" not in runs:
-        return out
-    for name, group in _by_config(runs):
-        usable = _stackable(group)
-        if usable.empty:
-            continue
-        rows = []
-        for R in usable["R"]:
-            R = [[float(v) for v in row] for row in R]
-            width = len(R[0])  # "class": forgetting needs no random-init row
-            r = RMatrix([str(j) for j in range(width)], [0.0] * width, R)
-            rows.append(compute_metrics(r, "class").forgetting_per_task)
-        if rows and rows[0]:
-            out[name] = np.asarray(rows)
-    return out
+    def forgetting(R: np.ndarray) -> list[float]:
+        width = R.shape[1]  # "class": forgetting needs no random-init row
+        r = RMatrix([str(j) for j in range(width)], [0.0] * width, R.tolist())
+        return compute_metrics(r, "class").forgetting_per_task
+
+    curves = _per_run(runs, forgetting)
+    return {name: values for name, values in curves.items() if values.size}
 
 
 def stream_description(runs: pd.DataFrame) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,46 @@ def write_config(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port, with its own SQLite store and proxied
+    artifacts under ``root``; yields its URI once it answers, stops it afterwards."""
+    import subprocess
+    import time
+
+    import requests
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/server.db",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the MLflow server did not start within 90 s")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

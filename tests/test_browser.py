@@ -20,16 +20,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
-from conftest import tiny_config, write_config
+from conftest import mlflow_server, tiny_config, write_config
 from mlflow.tracking import MlflowClient
 from packaging.version import Version
 
@@ -68,12 +64,6 @@ def _chromium() -> str:
     pytest.skip(f"apt-get could not install Chromium: {done.stderr.strip()[-500:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium, one per module."""
@@ -99,36 +89,7 @@ def page(browser):
 def served(tmp_path_factory):
     """``lia run`` (2 methods x 1 seed, 3 tasks) logged to ``mlflow server`` on 127.0.0.1."""
     root = tmp_path_factory.mktemp("browsed")
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/server.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the MLflow server did not start within 90 s")
+    with mlflow_server(root) as uri:
         config = tiny_config(root, name=NAME, methods=METHODS, seeds=[0])
         config["tracking"] = {"uri": uri}
         assert main(["run", str(write_config(root, config)), "--no-progress"]) == 0
@@ -149,9 +110,6 @@ def served(tmp_path_factory):
             "parent": parent.info.run_name,
             "children": children,
         }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _open_experiment(page, served, model_training: bool) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import tiny_config, write_config
+from conftest import free_port, mlflow_server, tiny_config, write_config
 from mlflow.tracking import MlflowClient
 from test_faults import _children, _reference_r, _wait_for
 
@@ -26,17 +26,11 @@ from orchestrator import load_experiment
 BUCKET = "lia-checkpoints"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on 127.0.0.1, a bucket in it, and the environment that points fsspec
     (and every process started after: Ray's nodes, their workers, the driver) at it."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -180,7 +174,7 @@ def ray_head(tmp_path):
     import shutil
     import tempfile
 
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="lia-ray-")  # short: Ray's socket paths must stay < 108
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
@@ -278,27 +272,5 @@ def test_ray_job_submit_runs_lia_on_a_real_head_and_mlflow_gets_the_results(
 @pytest.fixture
 def tracking_server(tmp_path):
     """``mlflow server`` on a free loopback port with its own store; its URI."""
-    import requests
-
-    port = _free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the MLflow server did not start within 90 s") from None
-                time.sleep(0.5)
+    with mlflow_server(tmp_path / "server") as uri:
         yield uri
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
-import requests
+from conftest import mlflow_server as start_mlflow_server
 from conftest import tiny_config, write_config
 from mlflow.tracking import MlflowClient
 
@@ -19,50 +13,11 @@ from orchestrator.cli import main
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on a free loopback port, with its own store and artifact root."""
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/server.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{uri}/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the MLflow server did not start within 90 s")
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
 
 
 def test_lia_run_logs_to_a_tracking_server(mlflow_server, tmp_path):
