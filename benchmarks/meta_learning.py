@@ -25,7 +25,7 @@ init, episodes and evaluation episodes), 95% t-intervals over the seeds.
 4. **Meta-training time** per model and where it goes (sampling episodes / the LSTM's forward,
    backward and step), on this machine's CPU and, with --device cuda, on a GPU.
 
-    python benchmarks/meta_learning.py --write   # full (SEEDS, ~20 minutes here)
+    python benchmarks/meta_learning.py --write   # full (SEEDS, ~45 minutes here)
     python benchmarks/meta_learning.py --quick   # 2 seeds, short meta-training (< 2 minutes)
 
 Ends with `name: value` lines; --write puts the tables in docs/meta_learning.md.
@@ -50,7 +50,7 @@ K_FEEDBACKS = [0, 1, 2, 4, 9, 19]
 PRESENTATIONS = [0, 1, 2, 3, 4, 9]  # 1st, 2nd, 3rd, 4th, 5th, 10th
 EVAL_EPISODES = 200
 SINE = {"hidden": 64, "steps": 6000, "batch": 16, "length": 20, "lr": 3e-3, "truncation": 20}
-DIGITS = {"hidden": 128, "steps": 12000, "batch": 16, "length": 50, "lr": 2e-3,
+DIGITS = {"hidden": 128, "steps": 30000, "batch": 16, "length": 50, "lr": 2e-3,
           "truncation": 50, "ways": 5, "source": "digits", "segments": 1}  # fmt: skip
 SGD_STEPS, SGD_LR = 10, 0.01
 SGD_PRETRAIN_STEPS = 2000

@@ -11,6 +11,22 @@ A method subclasses :class:`Learner` and overrides only the steps it changes:
 - ``method_state`` / ``load_method_state``  everything extra needed to resume
 - ``predict(x, task_id)``   what the method answers (iCaRL: nearest mean of exemplars)
 
+Growing networks (``learners/progressive.py``, ``expert_gate.py``, ``net2net.py``,
+``packnet.py``, ``expanding_head.py``) also use:
+
+- ``build_model()``          the network at the start (the configured backbone by default)
+- ``architecture()``         a record of how the network has grown (columns, widths, head
+                             groups): plain numbers, strings, lists and dicts
+- ``rebuild(architecture)``  grow a freshly built network to match a record, before weights load
+- ``model_grew()``           call after adding, replacing or freezing parameters: the optimizer
+                             is rebuilt over the current trainable parameters, keeping the state
+                             (momentum, Adam moments) of those that survived
+
+Resume order (``load_state_dict``): the architecture is rebuilt first, then the method state,
+then the weights, then the optimizer (rebuilt over the rebuilt network, then its state), then
+the random generators. A method can rely on the grown network existing when its
+``load_method_state`` runs.
+
 Class attributes: ``HParams`` (the hyperparameter dataclass, ``hp()`` fields) and
 ``SCENARIOS`` (the scenarios the method supports; others are refused before any work, with
 ``SCENARIO_NOTE`` saying why). A hook that trains something besides the model for a while (a
@@ -208,6 +224,28 @@ class Learner:
         """The network this learner trains: the configured backbone, sized for the stream."""
         return build_backbone(self.model_config, self.info)
 
+    def architecture(self) -> dict[str, Any]:
+        """How this learner's network has grown since :meth:`build_model` (columns, widths, head
+        groups), enough for :meth:`rebuild` on a fresh learner; {} for a fixed network."""
+        return {}
+
+    def rebuild(self, architecture: dict[str, Any]) -> None:
+        """Grow the freshly built network to match ``architecture`` (from :meth:`architecture`);
+        the weights are loaded afterwards. Nothing to do for a fixed network."""
+
+    def model_grew(self) -> None:
+        """Call after the network's parameters changed (added, replaced, frozen or unfrozen):
+        moves it to the learner's device and rebuilds the optimizer over the current trainable
+        parameters. Parameters that survived keep their optimizer state (momentum, Adam's
+        moments); new ones start fresh."""
+        self.model.to(self.device)
+        old = self.optimizer
+        self.optimizer = self.make_optimizer()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    self.optimizer.state[p] = old.state[p]
+
     def phase(self) -> Phase | None:
         """Work to do before the stream (meta-training: ``learners/meta.py``), or None. The
         runner runs it, cached by its own key, before the first task."""
@@ -353,7 +391,7 @@ class Learner:
             "format": STATE_FORMAT,
             "learner": self.name,
             "hparams": as_dict(self.hparams),
-            "architecture": {"model": as_dict(self.model_config)},
+            "architecture": {"model": as_dict(self.model_config), "growth": self.architecture()},
             "tasks_learned": self.tasks_learned,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -363,11 +401,16 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict` of the same method."""
+        """Restore a state produced by :meth:`state_dict` of the same method, in the order the
+        module docstring gives: architecture, method state, weights, optimizer, generators."""
         if state.get("learner") != self.name:
             raise ValueError(f"state is for learner {state.get('learner')!r}, not {self.name!r}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state format {state.get('format')} is not {STATE_FORMAT}")
+        growth = (state.get("architecture") or {}).get("growth") or {}
+        if growth:
+            self.rebuild(growth)
+            self.model.to(self.device)
         self.load_method_state(state["method"])
         self.model.load_state_dict(state["model"])
         self.optimizer = self.make_optimizer()

@@ -8,9 +8,9 @@ same tasks as a shorter one.
 
 Builders (``stream.name``):
 
-- ``permuted`` (domain-incremental): task 0 shows the original images, task t >= 1 applies its
+- ``permuted`` (domain-incremental; ``scenario: task`` gives the task identity): task 0 shows the original images, task t >= 1 applies its
   own random pixel permutation (the same spatial permutation for every channel).
-- ``rotated`` (domain-incremental): task t rotates its images counterclockwise by the t-th of
+- ``rotated`` (domain-incremental, or ``scenario: task``): task t rotates its images counterclockwise by the t-th of
   ``num_tasks`` angles evenly spaced over [min_angle, max_angle] (bilinear, zero padding).
 - ``split``: classes 0..num_tasks*classes_per_task-1 in natural groups (0,1 | 2,3 | ...);
   scenario task or class keeps labels, domain relabels each class to its position in its group.
@@ -52,6 +52,8 @@ KNOWN_NUM_CLASSES = {"mnist5k": 10, "digits": 10, "fashion_mnist": 10}
 """Classes of the bundled sources, so split configs can be checked without loading data."""
 
 _TRAIN, _TEST, _PERMUTATION, _NOISE = 1, 2, 3, 4
+SHARED_LABEL_SCENARIOS = ("domain", "task")
+"""scenarios of the streams whose tasks share one label space (all but split)"""
 EVALUATE_ON = ("test", "validation")
 """stream.evaluate_on: the source's test pool, or a validation part of its training pool"""
 
@@ -127,11 +129,11 @@ def validate_stream_config(config: StreamConfig | Mapping[str, Any]) -> StreamCo
                 f"stream.num_tasks={num_tasks} x stream.classes_per_task={classes_per_task} = "
                 f"{num_tasks * classes_per_task} classes, but source {source!r} has {known}"
             )
-    elif scenario not in (None, "domain"):
+    elif scenario not in (None, *SHARED_LABEL_SCENARIOS):
         raise ValueError(
-            f"stream.scenario={scenario!r} is not valid for the {name!r} stream, which is "
-            "domain-incremental; leave it unset or use 'domain' (scenarios task/class are for "
-            "split streams)"
+            f"stream.scenario={scenario!r} is not valid for the {name!r} stream, whose tasks "
+            "share one label space; expected 'domain' (the default: no task identity at test "
+            "time) or 'task' (the task identity is given, as in GEM's permuted MNIST)"
         )
     if name == "noisy_clean" and num_tasks != 2:
         raise ValueError(
@@ -387,7 +389,7 @@ def build_permuted(config: StreamConfig, seed: int) -> TaskStream:
         x_tr, x_te = _to_float(x_tr), _to_float(x_te)
         tasks.append(Task(t, f"perm{t}", x_tr, y_tr, x_te, y_te, classes))
     meta = {"permutation": "task 0 identity; task t>=1 torch.randperm(H*W) seeded per task"}
-    return _assemble(config, seed, source, tasks, "domain", source.num_classes, meta)
+    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
 
 
 def rotation_angles(num_tasks: int, min_angle: float, max_angle: float) -> list[float]:
@@ -421,7 +423,7 @@ def build_rotated(config: StreamConfig, seed: int) -> TaskStream:
         x_tr, x_te = rotate_images(_to_float(x_tr), angle), rotate_images(_to_float(x_te), angle)
         tasks.append(Task(t, name, x_tr, y_tr, x_te, y_te, classes))
     meta = {"angles": dict(zip(names, angles, strict=True))}
-    return _assemble(config, seed, source, tasks, "domain", source.num_classes, meta)
+    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
 
 
 @register_stream("split")
@@ -492,7 +494,7 @@ def build_noisy_clean(config: StreamConfig, seed: int) -> TaskStream:
             x_test = _add_noise(x_test, config.noise_std, noise_gen)
         tasks.append(Task(t, name, x_tr, y_tr, x_test, y_te.clone(), classes))
     meta = {"noise_std": config.noise_std, "shared_test_samples": True}
-    return _assemble(config, seed, source, tasks, "domain", source.num_classes, meta)
+    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
 
 
 def _add_noise(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:

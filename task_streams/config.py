@@ -28,7 +28,8 @@ class StreamConfig:
     test_per_task: int = 0
     """test samples per task; 0 (default) takes every available sample"""
     scenario: str | None = None
-    """split streams only: task | class | domain (default task); others are domain-incremental"""
+    """split streams: task | class | domain (default task); the others (one label space shared
+    by every task): domain (default) | task (the task identity is given at test time)"""
     classes_per_task: int = 2
     """split streams: classes in each task"""
     min_angle: float = 0.0

@@ -289,6 +289,19 @@ def test_rotated_angles_identity_and_half_turn():
     assert torch.equal(rotate_images(x, 0.0), x)
 
 
+@pytest.mark.parametrize("name", ["permuted", "rotated"])
+def test_shared_label_streams_may_give_the_task_identity(name):
+    """scenario task on a permuted / rotated stream: the same images and labels as the
+    domain-incremental stream, only the learner is told which task a sample is from."""
+    domain = build_stream(small(name), seed=3)
+    task = build_stream(small(name, scenario="task"), seed=3)
+    assert domain.scenario == "domain" and task.scenario == "task"
+    assert all(torch.equal(a, b) for a, b in zip(tensors(domain), tensors(task), strict=True))
+    assert bool(task.info.class_mask().all())  # every task uses every output unit
+    with pytest.raises(ValueError, match="expected 'domain'.*or 'task'"):
+        build_stream(small(name, scenario="class"), seed=3)
+
+
 @pytest.mark.parametrize("scenario", [None, "task", "class"])
 def test_split_classes_disjoint_and_labels_kept(scenario):
     stream = build_stream(small("split", num_tasks=5, scenario=scenario), seed=0)
