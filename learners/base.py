@@ -215,9 +215,16 @@ class Learner:
         continual evaluation of ``train.eval_every_steps``; see learners/evaluation.py)"""
 
     @classmethod
-    def check_setup(cls, info: StreamInfo, meta: MetaTrainingConfig, where: str = "") -> None:
+    def check_setup(
+        cls,
+        info: StreamInfo,
+        meta: MetaTrainingConfig,
+        where: str = "",
+        model: ModelConfig | None = None,
+    ) -> None:
         """ConfigError when this method cannot run on a stream described by ``info`` with these
-        settings (beyond the scenario); called before any work. Nothing to check by default."""
+        settings (beyond the scenario: the meta-training section, the ``model`` section, e.g. a
+        backbone a growing method cannot grow); called before any work. Nothing by default."""
 
     # ----------------------------------------------------------------- building blocks
     def build_model(self) -> nn.Module:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learners.backbones import ModelConfig
 from learners.base import Learner, register
 from learners.hparams import ConfigError, as_dict, hp
 from learners.meta import MetaTrainingConfig, Phase
@@ -333,7 +334,13 @@ class LSTMMeta(Learner):
         self.meta_trained = False
 
     @classmethod
-    def check_setup(cls, info: StreamInfo, meta: MetaTrainingConfig, where: str = "") -> None:
+    def check_setup(
+        cls,
+        info: StreamInfo,
+        meta: MetaTrainingConfig,
+        where: str = "",
+        model: ModelConfig | None = None,
+    ) -> None:
         """ConfigError unless ``meta``'s family can train a learner for this stream."""
         try:
             family = family_for(meta, info)

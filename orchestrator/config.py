@@ -462,7 +462,7 @@ def validate(config: ExperimentConfig) -> None:
         where = f"methods.{spec.label} on stream {stream.name} ({stream.source})"
         cls = learner_class(spec.method)
         cls.check_scenario(info.scenario, where)
-        cls.check_setup(info, config.meta_training, where)
+        cls.check_setup(info, config.meta_training, where, model=config.model)
     r = config.resources
     if r.cpus_per_run <= 0:
         raise ConfigError(f"resources.cpus_per_run={r.cpus_per_run} must be > 0")
