@@ -506,6 +506,8 @@ class GradientProjectionLearner(Learner):
     direction, and without memories the update is the one the optimizer would have made.
     """
 
+    FIXED_NETWORK = True  # its projections work on gradients over a fixed set of parameters
+
     CAPTURE_BATCH: ClassVar[bool] = False
     """record the batch's per-layer factors in :meth:`loss` (MLP fast path, memories in use)"""
 

@@ -143,8 +143,18 @@ class ImportancePenalty(Learner):
         if self.anchor is None:
             self._importance_list, self._pull_list = [], []
         else:
-            self._importance_list = [self.importance[n] for n, _ in named]
-            self._pull_list = [-(self.importance[n] * self.anchor[n]) for n, _ in named]
+            # a parameter added after the last consolidation (a growing head's new units) has
+            # no importance yet: no pull until the next consolidation
+            self._importance_list = [
+                self.importance[n] if n in self.importance else torch.zeros_like(p)
+                for n, p in named
+            ]
+            self._pull_list = [
+                -(self.importance[n] * self.anchor[n])
+                if n in self.importance
+                else torch.zeros_like(p)
+                for n, p in named
+            ]
 
     # ------------------------------------------------------------------ objective
     def penalty(self) -> torch.Tensor:
@@ -153,7 +163,8 @@ class ImportancePenalty(Learner):
         if self.anchor is None:
             return total
         for n, p in self._named_trainable():
-            total = total + (self.importance[n] * (p - self.anchor[n]).pow(2)).sum()
+            if n in self.importance:
+                total = total + (self.importance[n] * (p - self.anchor[n]).pow(2)).sum()
         return self.strength() * total
 
     @torch.no_grad()

@@ -41,7 +41,9 @@ optimizer without it (see ``learners/gem.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -110,13 +112,87 @@ def register(name: str) -> Callable[[type[Learner]], type[Learner]]:
     return decorate
 
 
+EXTENSIONS: dict[str, type] = {}
+"""name -> mixin class that adds a capability to other methods (``<method>+<extension>``)"""
+_COMPOSED: dict[str, type[Learner]] = {}
+
+
+def register_extension(name: str) -> Callable[[type], type]:
+    """Class decorator: make a mixin available as ``<method>+name`` (e.g. ``ewc+expanding_head``).
+
+    The mixin comes first in the composed class's bases, so its hooks run before the method's
+    and reach it with ``super()``; its ``HParams`` fields join the method's (one dataclass,
+    validated as usual). A classmethod ``check_base(base)`` raises ConfigError for a method the
+    extension cannot be combined with.
+    """
+
+    def decorate(mixin: type) -> type:
+        if name in EXTENSIONS and EXTENSIONS[name] is not mixin:
+            raise ValueError(f"extension name {name!r} is already registered")
+        mixin.extension_name = name
+        EXTENSIONS[name] = mixin
+        return mixin
+
+    return decorate
+
+
+def _merged_hparams(name: str, first: type, second: type) -> type:
+    """One hyperparameter dataclass with the fields of both (types resolved; no clashes)."""
+    fields: list[tuple[str, Any, Any]] = []
+    seen: set[str] = set()
+    for cls in (first, second):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise ConfigError(f"method {name}: both parts have a hyperparameter {f.name!r}")
+            seen.add(f.name)
+            if f.default_factory is not dataclasses.MISSING:
+                spec = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+            else:
+                spec = dataclasses.field(default=f.default, metadata=f.metadata)
+            fields.append((f.name, hints[f.name], spec))
+    merged = dataclasses.make_dataclass(f"{first.__name__}_{second.__name__}", fields)
+    merged.__module__ = first.__module__
+    merged.__doc__ = f"Hyperparameters of {name}."
+    return merged
+
+
+def _compose(name: str) -> type[Learner]:
+    base_name, _, ext_name = name.partition("+")
+    base = learner_class(base_name)
+    if ext_name not in EXTENSIONS:
+        accepted = ", ".join(f"<method>+{e}" for e in sorted(EXTENSIONS)) or "(none)"
+        raise ConfigError(f"unknown method {name!r}: {ext_name!r} is not an extension; "
+                          f"accepted combinations: {accepted}")  # fmt: skip
+    mixin = EXTENSIONS[ext_name]
+    check = getattr(mixin, "check_base", None)
+    if check is not None:
+        check(base, name)
+    allowed = getattr(mixin, "EXTENSION_SCENARIOS", SCENARIOS)
+    attrs = {
+        "HParams": _merged_hparams(name, base.HParams, mixin.HParams),
+        "SCENARIOS": tuple(s for s in base.SCENARIOS if s in allowed),
+        "__module__": mixin.__module__,
+        "__doc__": f"{base.__name__} with {mixin.__name__}: {(mixin.__doc__ or '').strip()}",
+    }
+    cls = type(f"{base.__name__}_{mixin.__name__}", (mixin, base), attrs)
+    cls.name = name
+    return cls
+
+
 def learner_class(name: str) -> type[Learner]:
-    """The registered Learner class called ``name``; ConfigError listing valid names if unknown."""
-    if name not in LEARNERS:
-        raise ConfigError(
-            f"unknown method {name!r}; accepted methods: {', '.join(sorted(LEARNERS))}"
-        )
-    return LEARNERS[name]
+    """The Learner class called ``name``: a registered method, or ``<method>+<extension>``
+    composed on first use; ConfigError listing the valid names if unknown."""
+    if name in LEARNERS:
+        return LEARNERS[name]
+    if "+" in name:
+        if name not in _COMPOSED:
+            _COMPOSED[name] = _compose(name)
+        return _COMPOSED[name]
+    combos = f"; or <method>+<extension> with {', '.join(sorted(EXTENSIONS))}" if EXTENSIONS else ""
+    raise ConfigError(
+        f"unknown method {name!r}; accepted methods: {', '.join(sorted(LEARNERS))}{combos}"
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -167,6 +243,9 @@ class Learner:
     TRAINS_ON_STREAM: ClassVar[bool] = True
     """the method takes gradient steps on the stream's tasks (the ``train`` section applies);
     False for a method whose weights are fixed before the stream (lstm_meta)"""
+    FIXED_NETWORK: ClassVar[bool] = False
+    """the method keeps state shaped by the network's parameters or outputs (stored logits,
+    gradient memories), so the network must not grow (``+expanding_head`` refuses it)"""
     META_TRAINED: ClassVar[bool] = False
     """the method has a phase before the stream configured by the ``meta_training`` section
     (:meth:`phase`); its runs' configurations then include that section"""

@@ -81,6 +81,7 @@ class DER(Learner):
     """Cross-entropy plus logit distillation and replay on a reservoir memory with logits."""
 
     HParams = DERHParams
+    FIXED_NETWORK = True  # its memory stores logits over the whole output layer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

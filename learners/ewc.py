@@ -109,15 +109,21 @@ class EWC(Learner):
         operations per step whatever the number of tasks (:meth:`after_backward`), and O(1)
         work per new task instead of re-summing every stored pair.
         """
-        named = self._named_trainable()
-        if not self._fisher_sum:
-            self._params = [p for _, p in named]
-            self._fisher_sum = [torch.zeros_like(p) for p in self._params]
-            self._pull = [torch.zeros_like(p) for p in self._params]
-        torch._foreach_add_(self._fisher_sum, [fisher[n] for n, _ in named])
-        torch._foreach_addcmul_(
-            self._pull, [fisher[n] for n, _ in named], [anchor[n] for n, _ in named], value=-1.0
-        )
+        known = {id(p) for p in self._params}
+        for _, p in self._named_trainable():  # the first pair, or parameters added since
+            if id(p) not in known:  # (a growing head's new units: no penalty until now)
+                self._params.append(p)
+                self._fisher_sum.append(torch.zeros_like(p))
+                self._pull.append(torch.zeros_like(p))
+        names = {id(p): n for n, p in self._named_trainable()}
+        rows = [k for k, p in enumerate(self._params) if names.get(id(p)) in fisher]
+        if not rows:
+            return
+        sums, pulls = [self._fisher_sum[k] for k in rows], [self._pull[k] for k in rows]
+        f = [fisher[names[id(self._params[k])]] for k in rows]
+        a = [anchor[names[id(self._params[k])]] for k in rows]
+        torch._foreach_add_(sums, f)
+        torch._foreach_addcmul_(pulls, f, a, value=-1.0)
 
     # ------------------------------------------------------------------ Fisher
     def fisher(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -211,7 +217,8 @@ class EWC(Learner):
         total = torch.zeros((), device=self.device)
         for fisher, anchor in zip(self.fishers, self.anchors, strict=True):
             for n, p in self._named_trainable():
-                total = total + (fisher[n] * (p - anchor[n]).pow(2)).sum()
+                if n in fisher:  # parameters added after the task carry no penalty for it
+                    total = total + (fisher[n] * (p - anchor[n]).pow(2)).sum()
         return 0.5 * self.hparams.ewc_lambda * total
 
     def after_backward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:

@@ -147,5 +147,5 @@ class MAS(ImportancePenalty):
         """Ω ← Ω + Ω_t; anchor at the current weights."""
         new = self.task_importance(task)
         if self.importance is not None:
-            new = {n: self.importance[n] + v for n, v in new.items()}
+            new = {n: self.importance.get(n, 0.0) + v for n, v in new.items()}
         self.consolidate(new)

@@ -63,5 +63,7 @@ class OnlineEWC(EWC):
         super().after_task(task)  # estimates F_t and stores the pair (F_t, θ)
         if previous is not None:
             gamma = self.hparams.gamma
-            self.fishers = [{n: gamma * previous[n] + v for n, v in self.fishers[0].items()}]
+            self.fishers = [
+                {n: gamma * previous.get(n, 0.0) + v for n, v in self.fishers[0].items()}
+            ]
             self._consolidate()

@@ -121,7 +121,7 @@ class SI(ImportancePenalty):
         total = {}
         for n, p in self._named_trainable():
             added = self.omega[n] / (p - self._start[n]).pow(2).add_(xi)
-            previous = self.importance[n] if self.importance is not None else 0.0
+            previous = (self.importance or {}).get(n, 0.0)
             total[n] = (added + previous).clamp_(min=0.0)
         self.consolidate(total)
         self.omega, self._start, self._previous, self._task_grad = None, {}, {}, {}
