@@ -9,6 +9,7 @@ import pkgutil
 
 from learners.backbones import BACKBONES, ModelConfig, register_backbone
 from learners.base import (
+    EXTENSIONS,
     LEARNERS,
     Learner,
     TrainConfig,
@@ -17,6 +18,7 @@ from learners.base import (
     build_learner,
     learner_class,
     register,
+    register_extension,
 )
 from learners.hparams import ConfigError, hp
 from learners.meta import MetaTrainingConfig, run_phase
@@ -29,6 +31,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "BACKBONES",
+    "EXTENSIONS",
     "LEARNERS",
     "ConfigError",
     "Learner",
@@ -43,4 +46,5 @@ __all__ = [
     "register",
     "run_phase",
     "register_backbone",
+    "register_extension",
 ]

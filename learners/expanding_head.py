@@ -105,6 +105,7 @@ class ExpandingHeadHParams:
         "default",
         help="new class units: default (nn.Linear's init) or zeros (start at logit 0)",
         choices=HEAD_INITS,
+        search=list(HEAD_INITS),
     )
 
 

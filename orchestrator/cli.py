@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from learners import LEARNERS, ConfigError
+from learners import EXTENSIONS, LEARNERS, ConfigError
 from learners.hparams import describe_range
 from orchestrator.config import REUSE_MODES
 
@@ -123,7 +123,29 @@ def _methods(args: argparse.Namespace, console: Console) -> int:
             console.print(
                 f"    {f.name} = {default!r}  ({describe_range(f)}): {f.metadata.get('help', '')}"
             )
+    for name in sorted(EXTENSIONS):
+        mixin = EXTENSIONS[name]
+        check = getattr(mixin, "check_base", None)
+        bases = [m for m in sorted(LEARNERS) if m != name and _accepts(check, m)]
+        console.print(
+            f"[bold]<method>+{name}[/] — {(mixin.__doc__ or '').strip().splitlines()[0]} "
+            f"Combines with: {', '.join(bases)} (e.g. methods.mine.method="
+            f"{'ewc' if 'ewc' in bases else bases[0]}+{name})"
+            if bases
+            else f"[bold]<method>+{name}[/] — combines with no registered method"
+        )
     return 0
+
+
+def _accepts(check, method: str) -> bool:
+    """Whether an extension's check_base accepts ``method``."""
+    if check is None:
+        return True
+    try:
+        check(LEARNERS[method], f"{method}+?")
+    except ConfigError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

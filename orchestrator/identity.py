@@ -44,7 +44,10 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-ADDED_SETTINGS: dict[tuple[str, str], Any] = {("stream", "evaluate_on"): "test"}
+ADDED_SETTINGS: dict[tuple[str, str], Any] = {
+    ("stream", "evaluate_on"): "test",
+    ("stream", "domains"): None,
+}
 """(section, key) -> default of settings added after KEY_VERSION 2: hashed only when they
 differ from that default, so adding a setting does not change the keys of existing runs."""
 

@@ -97,6 +97,8 @@ def trial_config(
         base["stream"]["evaluate_on"] = "validation"
     if sweep["protocol"] == "first_tasks":
         base["stream"]["num_tasks"] = sweep["first_tasks"]
+        if base["stream"].get("domains"):  # a domains stream has one task per entry
+            base["stream"]["domains"] = list(base["stream"]["domains"])[: sweep["first_tasks"]]
     base["seeds"] = seeds
     base["task_orders"] = None
     return load_config(base, to_overrides(label, params))

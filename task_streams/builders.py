@@ -8,14 +8,21 @@ same tasks as a shorter one.
 
 Builders (``stream.name``):
 
-- ``permuted`` (domain-incremental; ``scenario: task`` gives the task identity): task 0 shows the original images, task t >= 1 applies its
-  own random pixel permutation (the same spatial permutation for every channel).
-- ``rotated`` (domain-incremental, or ``scenario: task``): task t rotates its images counterclockwise by the t-th of
-  ``num_tasks`` angles evenly spaced over [min_angle, max_angle] (bilinear, zero padding).
+- ``permuted`` (domain-incremental; ``scenario: task`` gives the task identity): task 0 shows
+  the original images, task t >= 1 applies its own random pixel permutation (the same spatial
+  permutation for every channel).
+- ``rotated`` (domain-incremental, or ``scenario: task``): task t rotates its images
+  counterclockwise by the t-th of ``num_tasks`` angles evenly spaced over [min_angle,
+  max_angle] (bilinear, zero padding).
 - ``split``: classes 0..num_tasks*classes_per_task-1 in natural groups (0,1 | 2,3 | ...);
   scenario task or class keeps labels, domain relabels each class to its position in its group.
 - ``noisy_clean`` (domain-incremental, 2 tasks): "noisy" (Gaussian pixel noise) then "clean",
   trained on disjoint samples; both are tested on the same test samples.
+- ``domains`` (domain-incremental, or ``scenario: task``): one task per entry of
+  ``stream.domains``, each a built-in source (mnist5k, digits, fashion_mnist; all of one input
+  shape) shown as is, rotated (``<source>:rot<degrees>``) or with its own random pixel
+  permutation (``<source>:perm``), in one label space, e.g. [mnist5k, fashion_mnist,
+  mnist5k:rot90]. ``stream.num_tasks`` is the list's length; ``stream.source`` is not used.
 
 Each task samples ``train_per_task`` training and ``test_per_task`` test samples without
 replacement from the source's pools (0 takes all of them, shuffled); different tasks may reuse
@@ -29,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +58,16 @@ from task_streams.sources import SourceData, load_source, validation_view
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(StreamConfig))
 KNOWN_NUM_CLASSES = {"mnist5k": 10, "digits": 10, "fashion_mnist": 10}
 """Classes of the bundled sources, so split configs can be checked without loading data."""
+KNOWN_INPUT_SHAPES = {"mnist5k": (1, 28, 28), "digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
+"""(C, H, W) of the bundled sources, so a domains stream's shapes are checked without loading."""
+DOMAIN_ENTRY = re.compile(r"^(?P<source>[A-Za-z0-9_]+)(?::(?P<transform>[^:]*))?$")
+DOMAIN_ROTATION = re.compile(r"^rot(?P<angle>[+-]?\d+(?:\.\d+)?)$")
+DOMAIN_FORMS = (
+    "'<source>', '<source>:rot<degrees>' (rotated counterclockwise, e.g. 'mnist5k:rot90') or "
+    "'<source>:perm' (a fixed random pixel permutation), with <source> one of "
+    f"{tuple(KNOWN_INPUT_SHAPES)}"
+)
+"""what an entry of stream.domains may be (for error messages)"""
 
 _TRAIN, _TEST, _PERMUTATION, _NOISE = 1, 2, 3, 4
 SHARED_LABEL_SCENARIOS = ("domain", "task")
@@ -116,6 +134,22 @@ def validate_stream_config(config: StreamConfig | Mapping[str, Any]) -> StreamCo
             "expected min_angle <= max_angle"
         )
 
+    domains = values["domains"]
+    if name == "domains":
+        domains = _domains(domains)
+        num_tasks = len(domains)
+        if source != "mnist5k" or path is not None:
+            raise ValueError(
+                f"stream.source={source!r} is not used by the domains stream, whose sources are "
+                "named in stream.domains (e.g. [fashion_mnist, 'mnist5k:rot90']); leave "
+                "stream.source and stream.path unset"
+            )
+    elif domains is not None:
+        raise ValueError(
+            f"stream.domains={_show(domains)} is only used by the domains stream, not by "
+            f"stream.name={name!r}; leave it unset or set stream.name=domains"
+        )
+
     scenario = values["scenario"]
     if name == "split":
         if scenario is not None and scenario not in SPLIT_SCENARIOS:
@@ -164,6 +198,7 @@ def validate_stream_config(config: StreamConfig | Mapping[str, Any]) -> StreamCo
         noise_std=noise_std,
         task_order=task_order,
         evaluate_on=evaluate_on,
+        domains=domains,
     )
 
 
@@ -204,6 +239,64 @@ def _task_order(order: Any, num_tasks: int) -> list[int]:
     if sorted(items) != list(range(num_tasks)):
         raise ValueError(f"stream.task_order={items!r} is not a permutation; {expected}")
     return items
+
+
+def _show(value: Any) -> str:
+    """A config value as the user wrote it: lists (omegaconf's too) as plain lists."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return repr(value)
+    return repr(list(value))
+
+
+def parse_domain(entry: str) -> tuple[str, str | None, float]:
+    """``(source, transform, angle)`` of a stream.domains entry: transform None, "rot" (by
+    ``angle`` degrees) or "perm"; ValueError naming the entry and what is accepted."""
+    where = f"stream.domains entry {entry!r}"
+    match = DOMAIN_ENTRY.match(entry.strip()) if isinstance(entry, str) else None
+    if match is None:
+        raise ValueError(f"{where} is not accepted; expected {DOMAIN_FORMS}")
+    source, transform = match["source"], match["transform"]
+    if source not in KNOWN_INPUT_SHAPES:
+        raise ValueError(
+            f"{where} names source {source!r}, which is not a built-in source; expected "
+            f"{DOMAIN_FORMS}"
+        )
+    if transform is None:
+        return source, None, 0.0
+    if transform == "perm":
+        return source, "perm", 0.0
+    rotation = DOMAIN_ROTATION.match(transform)
+    if rotation is None:
+        raise ValueError(
+            f"{where} has the transform {transform!r}, which is not one of rot<degrees> or "
+            f"perm; expected {DOMAIN_FORMS}"
+        )
+    return source, "rot", float(rotation["angle"])
+
+
+def _domains(domains: Any) -> list[str]:
+    """Check stream.domains for the domains stream: a non-empty list of parseable entries whose
+    sources share one input shape; the entries, stripped."""
+    example = "e.g. stream.domains=[mnist5k, fashion_mnist, 'mnist5k:rot90']"
+    if domains is None:
+        raise ValueError(f"stream.domains is required by the domains stream; {example}")
+    if isinstance(domains, (str, bytes)) or not hasattr(domains, "__iter__"):
+        raise ValueError(f"stream.domains={domains!r} is not a list of entries; {example}")
+    entries = list(domains)
+    if not entries:
+        raise ValueError(f"stream.domains=[] is empty; give one entry per task, {example}")
+    shapes: dict[tuple[int, ...], str] = {}  # input shape -> the first entry with it
+    for entry in entries:
+        shapes.setdefault(KNOWN_INPUT_SHAPES[parse_domain(entry)[0]], entry)
+    entries = [entry.strip() for entry in entries]
+    if len(shapes) > 1:
+        found = "; ".join(f"{entry.strip()!r}: {shape}" for shape, entry in shapes.items())
+        raise ValueError(
+            f"stream.domains={entries!r} mixes input shapes ({found}); every entry's source "
+            "must have the same (C, H, W): "
+            + ", ".join(f"{name} {shape}" for name, shape in KNOWN_INPUT_SHAPES.items())
+        )
+    return entries
 
 
 # -------------------------------------------------------------------------------------- building
@@ -332,15 +425,18 @@ def _assemble(
     scenario: str,
     num_classes: int,
     metadata: dict[str, Any],
+    source_name: str | None = None,
 ) -> TaskStream:
-    """Put naturally ordered tasks into presentation order (stream.task_order) and wrap them."""
+    """Put naturally ordered tasks into presentation order (stream.task_order) and wrap them;
+    ``source_name`` names the sources when there are several (default: ``source``'s name)."""
+    source_name = source_name or source.name
     order = config.task_order if config.task_order is not None else list(range(len(tasks)))
     ordered = [
         dataclasses.replace(tasks[natural], id=position) for position, natural in enumerate(order)
     ]
     info = {
         "builder": config.name,
-        "source": source.name,
+        "source": source_name,
         "seed": seed,
         "task_order": list(order),
         "natural_task_names": [t.name for t in tasks],
@@ -348,7 +444,7 @@ def _assemble(
         "test_per_task": config.test_per_task,
     }
     return TaskStream(
-        name=f"{config.name}-{source.name}",
+        name=f"{config.name}-{source_name}",
         scenario=scenario,
         tasks=ordered,
         input_shape=source.input_shape,
@@ -361,8 +457,9 @@ _VALIDATION_VIEWS: dict[int, tuple[SourceData, SourceData]] = {}
 """id(source) -> (source, its validation view): made once per loaded source"""
 
 
-def _source(config: StreamConfig) -> SourceData:
-    source = load_source(config.source, config.path)
+def _source(config: StreamConfig, name: str | None = None) -> SourceData:
+    """The source ``name`` (default stream.source), or its validation view (evaluate_on)."""
+    source = load_source(config.source, config.path) if name is None else load_source(name)
     if config.evaluate_on != "validation":
         return source
     cached = _VALIDATION_VIEWS.get(id(source))
@@ -389,7 +486,9 @@ def build_permuted(config: StreamConfig, seed: int) -> TaskStream:
         x_tr, x_te = _to_float(x_tr), _to_float(x_te)
         tasks.append(Task(t, f"perm{t}", x_tr, y_tr, x_te, y_te, classes))
     meta = {"permutation": "task 0 identity; task t>=1 torch.randperm(H*W) seeded per task"}
-    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
+    return _assemble(
+        config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta
+    )
 
 
 def rotation_angles(num_tasks: int, min_angle: float, max_angle: float) -> list[float]:
@@ -423,7 +522,9 @@ def build_rotated(config: StreamConfig, seed: int) -> TaskStream:
         x_tr, x_te = rotate_images(_to_float(x_tr), angle), rotate_images(_to_float(x_te), angle)
         tasks.append(Task(t, name, x_tr, y_tr, x_te, y_te, classes))
     meta = {"angles": dict(zip(names, angles, strict=True))}
-    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
+    return _assemble(
+        config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta
+    )
 
 
 @register_stream("split")
@@ -494,9 +595,65 @@ def build_noisy_clean(config: StreamConfig, seed: int) -> TaskStream:
             x_test = _add_noise(x_test, config.noise_std, noise_gen)
         tasks.append(Task(t, name, x_tr, y_tr, x_test, y_te.clone(), classes))
     meta = {"noise_std": config.noise_std, "shared_test_samples": True}
-    return _assemble(config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta)
+    return _assemble(
+        config, seed, source, tasks, config.scenario or "domain", source.num_classes, meta
+    )
 
 
 def _add_noise(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
     return (x + std * noise).clamp_(0.0, 1.0)
+
+
+def domain_task_names(domains: list[str]) -> list[str]:
+    """Task names of a domains stream: ``mnist5k``, ``mnist5k_rot90``, ``digits_perm``; an
+    entry used more than once gets its position appended (``digits_perm_0``, ``digits_perm_2``)."""
+    names = []
+    for entry in domains:
+        source, transform, angle = parse_domain(entry)
+        suffix = {None: "", "perm": "_perm", "rot": f"_rot{angle:g}"}[transform]
+        names.append(source + suffix)
+    return [f"{n}_{t}" if names.count(n) > 1 else n for t, n in enumerate(names)]
+
+
+@register_stream("domains")
+def build_domains(config: StreamConfig, seed: int) -> TaskStream:
+    """Domains stream: task t shows the source of stream.domains[t], as is, rotated or with its
+    own fixed random pixel permutation, in one label space."""
+    config, seed = validate_stream_config(config), _seed(seed)
+    domains = list(config.domains or [])
+    names = domain_task_names(domains)
+    sources = {
+        name: _source(config, name) for name in dict.fromkeys(parse_domain(d)[0] for d in domains)
+    }
+    tag = _tag("domains")
+    tasks = []
+    for t, (entry, name) in enumerate(zip(domains, names, strict=True)):
+        source_name, transform, angle = parse_domain(entry)
+        source = sources[source_name]
+        x_tr, y_tr, x_te, y_te = _draw(config, source, seed, "domains", t)
+        if transform == "perm":  # permuting uint8 before conversion moves 4x less memory
+            _, h, w = source.input_shape
+            perm = torch.randperm(h * w, generator=generator(seed, tag, _PERMUTATION, t))
+            x_tr, x_te = permute_pixels(x_tr, perm), permute_pixels(x_te, perm)
+        x_tr, x_te = _to_float(x_tr), _to_float(x_te)
+        if transform == "rot":
+            x_tr, x_te = rotate_images(x_tr, angle), rotate_images(x_te, angle)
+        classes = tuple(range(source.num_classes))
+        tasks.append(Task(t, name, x_tr, y_tr, x_te, y_te, classes))
+    first = sources[parse_domain(domains[0])[0]]
+    num_classes = max(s.num_classes for s in sources.values())
+    meta = {
+        "domains": dict(zip(names, domains, strict=True)),
+        "permutation": "each :perm task its own torch.randperm(H*W), seeded per task",
+    }
+    return _assemble(
+        config,
+        seed,
+        first,
+        tasks,
+        config.scenario or "domain",
+        num_classes,
+        meta,
+        source_name="+".join(sources),
+    )

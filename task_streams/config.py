@@ -16,13 +16,14 @@ class StreamConfig:
     """Which stream to build. Together with a seed it determines every tensor of the stream."""
 
     name: str = "permuted"
-    """builder: permuted | rotated | split | noisy_clean (see STREAM_BUILDERS)"""
+    """builder: permuted | rotated | split | noisy_clean | domains (see STREAM_BUILDERS)"""
     source: str = "mnist5k"
     """mnist5k (bundled 5,000-image MNIST subset) | digits (sklearn 8x8) | fashion_mnist
     (Debian package) | idx (folder of MNIST-format IDX files, ``path``) | npz (file, ``path``)"""
     path: str | None = None
     """folder (idx) or file (npz) for user data"""
     num_tasks: int = 5
+    """tasks in the stream; the domains stream takes it from ``domains`` (one task per entry)"""
     train_per_task: int = 0
     """training samples per task; 0 (default) takes every available sample"""
     test_per_task: int = 0
@@ -45,6 +46,17 @@ class StreamConfig:
     training pool is split once (stratified, fixed seed, VALIDATION_FRACTION held out); tasks
     train on the rest and are tested on the held-out part, never touching the test pool (what
     ``lia sweep``'s heldout protocol tunes on)"""
+    domains: list[str] | None = None
+    """domains streams only: one task per entry, ``<source>`` or ``<source>:rot<degrees>``
+    (rotated counterclockwise) or ``<source>:perm`` (a fixed random pixel permutation), the
+    sources built-in ones of one input shape, e.g. [mnist5k, fashion_mnist, mnist5k:rot90];
+    stream.num_tasks is set to its length, stream.source is not used (leave it unset)"""
+
+    def __post_init__(self) -> None:
+        # the domains stream has one task per entry: num_tasks follows, so whatever reads
+        # stream.num_tasks (progress, reports) counts the tasks that will be built
+        if self.name == "domains" and isinstance(self.domains, (list, tuple)):
+            self.num_tasks = len(self.domains)
 
 
 StreamBuilder = Callable[[StreamConfig, int], TaskStream]

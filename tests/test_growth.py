@@ -189,3 +189,16 @@ def test_a_fixed_network_records_no_growth():
     assert learner.architecture() == {}
     assert learner.state_dict()["architecture"]["growth"] == {}
     assert Learner.rebuild(learner, {}) is None
+
+
+def test_lia_methods_lists_the_extension_and_what_it_combines_with(capfd):
+    from orchestrator.cli import main
+
+    assert main(["methods"]) == 0
+    captured = capfd.readouterr()
+    out = " ".join((captured.out + captured.err).split())  # the console may wrap long lines
+    entry = out[out.index("<method>+expanding_head —") :]
+    combines = entry.split("Combines with:")[1].split("(")[0].replace(",", " ").split()
+    assert {"ewc", "si", "mas", "replay", "finetune"} <= set(combines)
+    assert not {"der", "gem", "icarl", "lstm_meta"} & set(combines)
+    assert "ewc+expanding_head" in entry

@@ -55,6 +55,19 @@ def test_keys_separate_configuration_seed_and_code(tmp_path):
     assert identity.instance_key(resolved) == runs[0].instance_key
 
 
+def test_settings_added_later_leave_the_keys_of_earlier_runs_unchanged(tmp_path):
+    """A run recorded before stream.evaluate_on / stream.domains existed (its resolved config
+    lacks them) keeps its keys; a non-default value makes another configuration."""
+    (run,) = expand_runs(load_config(tiny_config(tmp_path, methods={"finetune": {}}, seeds=[0])))
+    assert run.resolved["stream"]["domains"] is None
+    older = {**run.resolved, "stream": dict(run.resolved["stream"])}
+    del older["stream"]["domains"], older["stream"]["evaluate_on"]
+    assert identity.config_key(older) == run.config_key
+    assert identity.instance_key(older) == run.instance_key
+    other = {**run.resolved, "stream": {**run.resolved["stream"], "domains": ["digits"]}}
+    assert identity.config_key(other) != run.config_key
+
+
 def test_code_hash_follows_the_methods_files_not_their_comments(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_plugin(tmp_path, "pass")

@@ -157,9 +157,8 @@ def test_every_hparam_is_documented_and_its_default_accepted(name):
     for field in dataclasses.fields(cls.HParams):
         assert field.metadata["help"], f"{name}.{field.name} has no help"
     defaults = {f.name: getattr(cls.HParams(), f.name) for f in dataclasses.fields(cls.HParams)}
-    assert dataclasses.asdict(build_learner(name, split_stream().info, defaults).hparams) == (
-        defaults
-    )
+    info = split_stream(_scenario(name, "class")).info
+    assert dataclasses.asdict(build_learner(name, info, defaults).hparams) == defaults
 
 
 # ---------------------------------------------------------------------- EWC

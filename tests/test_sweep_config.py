@@ -436,7 +436,9 @@ def test_every_method_is_tunable_with_no_sweep_code(name, tmp_path):
     own = {f.name for f in dataclasses.fields(LEARNERS[name].HParams)}
     assert set(space) - {"train.lr"} or not own, f"{name} declares no search range"
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    stream = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": "class"}
+    scenarios = LEARNERS[name].SCENARIOS
+    scenario = "class" if "class" in scenarios else scenarios[0]  # progressive, packnet: task
+    stream = {"name": "split", "source": "digits", "num_tasks": 2, "scenario": scenario}
     for _ in range(3):
         params = suggest(study.ask(), space)
         config = tiny_config(tmp_path, methods={name: {}}, seeds=[0], stream=stream,
@@ -446,3 +448,15 @@ def test_every_method_is_tunable_with_no_sweep_code(name, tmp_path):
         for key, value in params.items():
             if "." not in key:
                 assert spec.hparams[key] == value
+
+
+def test_first_tasks_of_a_domains_stream_keeps_its_first_domains(tmp_path):
+    from sweeps.driver import trial_config
+
+    config = sweep_config(tmp_path, protocol="first_tasks", first_tasks=2)
+    config["stream"] = {"name": "domains", "domains": ["digits", "digits:rot90", "digits:perm"],
+                        "train_per_task": 50, "test_per_task": 20}  # fmt: skip
+    loaded = load_sweep_config(config)
+    label = next(iter(loaded.methods))
+    trial = trial_config(loaded, label, {})
+    assert trial.stream.domains == ["digits", "digits:rot90"] and trial.stream.num_tasks == 2
