@@ -459,7 +459,8 @@ def validate(config: ExperimentConfig) -> None:
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{section.name}.")
     for spec in method_specs(config):  # a method that cannot learn this stream, said why
-        where = f"methods.{spec.label} on stream {stream.name} ({stream.source})"
+        data = "+".join(stream.domains) if stream.domains else stream.source
+        where = f"methods.{spec.label} on stream {stream.name} ({data})"
         cls = learner_class(spec.method)
         cls.check_scenario(info.scenario, where)
         cls.check_setup(info, config.meta_training, where, model=config.model)
