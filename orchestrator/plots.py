@@ -1,4 +1,5 @@
-"""Figures fit for a paper: R-matrix heatmaps, average-accuracy curves, forgetting per task.
+"""Figures fit for a paper: R-matrix heatmaps, average-accuracy curves, forgetting per task,
+final accuracy against size.
 
 Every figure is one column wide (3.5 in) in matplotlib's ``seaborn-v0_8-paper`` style, with
 8-point text, so it reads when printed in a two-column paper; accuracies are in %, like the
@@ -20,6 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from orchestrator.results import human_bytes  # noqa: E402
 
 COLUMN_WIDTH_IN = 3.5
 STYLE = "seaborn-v0_8-paper"
@@ -162,3 +168,73 @@ def forgetting_bars(
             ax.legend(frameon=False)
         ax.set_title(title)
         _save(fig, path)
+
+
+def acc_vs_size(
+    points: dict[str, np.ndarray],
+    path: str | Path | IO[bytes],
+    title: str,
+    colors: dict[str, Any] | None = None,
+    intervals: dict[str, float] | None = None,
+) -> Axes:
+    """Final ACC (%) against final size in bytes on a log axis, one colour per configuration.
+
+    ``points[name]`` is an array (runs, 3) of each run's ACC (fraction), model bytes and stored
+    bytes. A filled marker sits at the mean ACC and the mean model + stored memory, with an
+    ACC error bar of half-width ``intervals[name]`` (a fraction; NaN or absent: none); a hollow
+    one at the mean model alone, joined to it; each run is a faint dot at its model + memory.
+    Returns the (closed) axes, whose points can be read back.
+    """
+    drawn = {n: np.atleast_2d(np.asarray(v, dtype=float)) for n, v in points.items()}
+    drawn = {n: v for n, v in drawn.items() if v.size}
+    colors = colors or palette(list(drawn))
+    intervals = intervals or {}
+    with _paper():
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.6))
+        accs: list[float] = []
+        sizes: list[float] = []
+        for name, values in drawn.items():
+            acc = 100 * values[:, 0]
+            model, total = values[:, 1], values[:, 1] + values[:, 2]
+            mean_acc, mean_model, mean_total = float(acc.mean()), model.mean(), total.mean()
+            half = 100 * float(intervals.get(name, math.nan))
+            colour = colors.get(name)
+            ax.scatter(total, acc, s=6, color=colour, alpha=0.3, linewidths=0)
+            ax.plot([mean_model, mean_total], [mean_acc, mean_acc], color=colour, linewidth=0.6)
+            ax.plot(mean_model, mean_acc, "o", markersize=4, markerfacecolor="none",
+                    markeredgewidth=0.8, color=colour)  # fmt: skip
+            if not math.isnan(half):
+                ax.errorbar(mean_total, mean_acc, yerr=half, fmt="none", ecolor=colour,
+                            elinewidth=0.6, capsize=1.5)  # fmt: skip
+                accs += [mean_acc - half, mean_acc + half]
+            ax.plot(mean_total, mean_acc, "o", markersize=4, color=colour,
+                    label=f"{name} (n={len(acc)})")  # fmt: skip
+            accs += list(acc)
+            sizes += [mean_model, *total]
+        ax.set_xscale("log")
+        positive = [x for x in sizes if x > 0]
+        if positive:
+            low, high = min(positive) / 1.6, max(positive) * 1.6
+            if high / low < 10:  # a decade at least, so that some 1-2-5 ticks fall inside
+                centre = math.sqrt(low * high)
+                low, high = centre / math.sqrt(10), centre * math.sqrt(10)
+            ax.set_xlim(low, high)
+            subs = (1.0, 2.0, 5.0) if math.log10(high / low) < 2.5 else (1.0,)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax.set_ylim(*_limits(min(accs), max(accs)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("final size: model + stored memory (bytes, log scale)")
+        ax.set_ylabel("final ACC (%)")
+        if drawn:
+            kinds = [
+                Line2D([], [], linestyle="none", marker="o", markersize=4, color="grey",
+                       label="model + memory"),
+                Line2D([], [], linestyle="none", marker="o", markersize=4, color="grey",
+                       markerfacecolor="none", markeredgewidth=0.8, label="model only"),
+            ]  # fmt: skip
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(handles=[*handles, *kinds], frameon=False)
+        ax.set_title(title)
+        _save(fig, path)
+    return ax

@@ -14,13 +14,16 @@ from orchestrator import plots
 from orchestrator.results import (
     CONTINUAL,
     METRICS,
+    RESOURCES,
     RunResult,
     avg_acc_curves,
+    ci95,
     forgetting_per_task,
     mean_r,
     runs_frame,
     runs_table,
     safe_name,
+    size_points,
     stream_description,
     summarize,
     to_csv,
@@ -74,7 +77,7 @@ def _result(key: str, run: Any, r: RMatrix | None) -> RunResult:
         run.info.run_id,
         scenario=tags.get("scenario"),
         r=r,
-        metrics={m: values.get(m) for m in (*METRICS, *CONTINUAL)},
+        metrics={m: values.get(m) for m in (*METRICS, *CONTINUAL, *RESOURCES)},
         train_time_s=values.get("train_time_s"),
         config_key=tags.get("config_key") or None,
         code_hash=tags.get("code_hash"),
@@ -199,13 +202,14 @@ def write_report(
     latest: bool = False,
     figure_format: str = "png",
 ) -> dict[str, Path]:
-    """Summary table(s), per-configuration R heatmaps, accuracy curves and forgetting per
-    task for ``experiment``; figures as ``figure_format`` (png, pdf or svg), one colour per
-    configuration in all of them.
+    """Summary table(s), per-configuration R heatmaps, accuracy curves, forgetting per task
+    and final ACC against size for ``experiment``; figures as ``figure_format`` (png, pdf or
+    svg), one colour per configuration in all of them.
 
     ``config_key`` and ``latest`` select configurations as in :func:`load_experiment`. The
     returned paths are keyed by format (``md``, ``csv``, ``latex``), ``runs``,
-    ``heatmap_<display name>``, ``curves`` and ``forgetting``.
+    ``heatmap_<display name>``, ``curves``, ``forgetting`` and ``acc_vs_size`` (when runs
+    logged their sizes).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -269,4 +273,11 @@ def write_report(
         title = f"{stream}: forgetting per task (mean ± std)"
         plots.forgetting_bars(forgetting, last_tasks, path, title=title, colors=colors)
         written["forgetting"] = path
+    sizes = size_points(runs)
+    if sizes:
+        path = out / f"acc_vs_size.{figure_format}"
+        intervals = {name: ci95(points[:, 0]) for name, points in sizes.items()}
+        title = f"{stream}: final ACC vs size (mean ± 95% CI)"
+        plots.acc_vs_size(sizes, path, title=title, colors=colors, intervals=intervals)
+        written["acc_vs_size"] = path
     return written

@@ -27,6 +27,9 @@ from learners.metrics import RMatrix
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 CONTINUAL = ("stability_gap", "min_acc", "recency_bias")
 """continual-evaluation metrics (learners/metrics.py): reported when a run has them"""
+RESOURCES = ("model_parameters", "model_bytes", "stored_samples", "stored_bytes")
+"""a run's size after its last task (``Learner.resources()``): the model, and what the method
+stores besides it (replay buffer, importance weights, old models); reported when a run has them"""
 RUN_COLUMNS = (
     "label",
     "method",
@@ -37,6 +40,7 @@ RUN_COLUMNS = (
     *METRICS,
     *CONTINUAL,
     "train_time_s",
+    *RESOURCES,
     "run_key",
     "mlflow_run_id",
     "tasks",
@@ -94,6 +98,7 @@ class RunResult:
             "scenario": self.scenario,
             **{m: metrics.get(m) for m in (*METRICS, *CONTINUAL)},
             "train_time_s": self.train_time_s,
+            **{m: metrics.get(m) for m in RESOURCES},
             "run_key": self.run_key,
             "mlflow_run_id": self.mlflow_run_id,
             "tasks": self.r.tasks if self.r else None,
@@ -402,6 +407,22 @@ def forgetting_per_task(runs: pd.DataFrame) -> dict[str, np.ndarray]:
     return {name: values for name, values in curves.items() if values.size}
 
 
+def size_points(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per configuration (display name), an array (runs, 3) of each finished (or skipped)
+    run's final ACC, ``model_bytes`` and ``stored_bytes``; runs missing any of them are left
+    out, and so is a configuration without any run left."""
+    out: dict[str, np.ndarray] = {}
+    columns = ["ACC", "model_bytes", "stored_bytes"]
+    if not set(columns) <= set(runs.columns):
+        return out
+    for name, group in _by_config(runs):
+        status = group["status"] if "status" in group else pd.Series("FINISHED", group.index)
+        values = group.loc[status.isin(DONE), columns].astype(float).dropna()
+        if len(values):
+            out[name] = values.to_numpy()
+    return out
+
+
 def stream_description(runs: pd.DataFrame) -> str:
     """``split digits, class-IL, 5 tasks`` from the runs' params (the first run's)."""
     params = next((p for p in runs.get("params", []) if isinstance(p, dict)), None) or {}
@@ -419,7 +440,8 @@ def stream_description(runs: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------- summary
-def _ci95(values: np.ndarray) -> float:
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the 95% Student-t interval of the mean of ``values``; NaN below 2."""
     n = len(values)
     if n < 2:
         return float("nan")
@@ -443,6 +465,7 @@ SUMMARY_COLUMNS = (
     "method",
     "n",
     *(f"{m}_{s}" for m in (*METRICS, *CONTINUAL) for s in ("mean", "std", "ci95")),
+    *(f"{m}_mean" for m in RESOURCES),
     *SUMMARY_EXTRA,
 )
 
@@ -451,7 +474,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, in order of first appearance.
 
     ``label`` is the configuration's display name (:func:`config_names`); ``n`` counts its
-    finished (or skipped) runs, whose metrics give the mean / std / 95% CI half-width columns.
+    finished (or skipped) runs, whose metrics give the mean / std / 95% CI half-width columns
+    and the mean of each size after the last task (``model_bytes_mean``, … of RESOURCES).
     Then ``failed`` (count) with ``failed_runs`` (run names such as ``ewc-s1``) and
     ``errors`` (their last error lines, "" where unknown); ``short`` (count) with
     ``short_runs``: runs of any status whose R has fewer rows than the configuration's full
@@ -469,7 +493,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            row[f"{m}_ci95"] = _ci95(values)
+            row[f"{m}_ci95"] = ci95(values)
+        for m in RESOURCES:
+            values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
+            row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
         failed = every[status == "FAILED"]
         row["failed"] = len(failed)
         row["failed_runs"] = [run_name(r) for _, r in failed.iterrows()]
@@ -546,6 +573,43 @@ def _compare_with_best(rows: list[dict[str, Any]], groups: list[pd.DataFrame]) -
             )
 
 
+def _scaled(value: float, units: tuple[tuple[str, float], ...], smallest: str) -> str:
+    value = float(f"{value:.3g}")  # rounded first: 999 999 is "1 MB", not "1e+03 kB"
+    for unit, scale in units:
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}{smallest}"
+
+
+def human_bytes(value: float) -> str:
+    """``512 B``, ``20.5 kB``, ``1.6 MB``: three significant digits, decimal units (1 kB =
+    1000 B)."""
+    units = ((" TB", 1e12), (" GB", 1e9), (" MB", 1e6), (" kB", 1e3))
+    return _scaled(value, units, " B")
+
+
+def human_count(value: float) -> str:
+    """``830``, ``5.13k``, ``11.2M``: a count with three significant digits."""
+    return _scaled(value, (("G", 1e9), ("M", 1e6), ("k", 1e3)), "")
+
+
+def has_sizes(summary: pd.DataFrame) -> bool:
+    """Whether any configuration of ``summary`` has a final model size."""
+    return "model_bytes_mean" in summary and bool(summary["model_bytes_mean"].notna().any())
+
+
+def _size_cells(row: pd.Series) -> list[str]:
+    """``model params`` and ``model + memory`` cells of a summary row."""
+    params = row.get("model_parameters_mean")
+    model, stored = row.get("model_bytes_mean"), row.get("stored_bytes_mean")
+    count = "n/a" if _missing(params) else human_count(params)
+    if _missing(model):
+        return [count, "n/a"]
+    if _missing(stored):
+        return [count, human_bytes(model)]
+    return [count, f"{human_bytes(model)} + {human_bytes(stored)}"]
+
+
 def _cell(mean: float, std: float, pct: bool = True, compact: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -568,12 +632,15 @@ def table_rows(
     """Header and string cells in %: mean ± std over seeds, or mean ± 95% CI (``spread="ci95"``).
 
     A ``failed`` column appears when any run failed, an ``at chance`` column when any
-    finished run is flagged at chance level. ``compact``: one decimal, short headers and
-    verdicts, for a terminal of 80 columns.
+    finished run is flagged at chance level, and, when runs logged their sizes, ``model
+    params`` and ``model + memory`` (bytes): the size after the last task, mean over seeds.
+    ``compact``: one decimal, short headers and verdicts, and no sizes, for a terminal of 80
+    columns.
     """
     failed, chance = _count(summary, "failed"), _count(summary, "at_chance")
     any_failed, any_chance = bool(failed.sum()), bool(chance.sum())
     compared = "ACC_p_vs_best" in summary and int(summary["ACC_p_vs_best"].notna().sum()) > 1
+    sizes = not compact and has_sizes(summary)
     short = {"forgetting": "forget"} if compact else {}
     header = [
         "method",
@@ -582,6 +649,7 @@ def table_rows(
         *([("chance" if compact else "at chance")] if any_chance else []),
         *[(f"{short.get(m, m)} %" if compact else f"{m} (%)") for m in METRICS],
         *([("vs best" if compact else "ACC vs best")] if compared else []),
+        *(["model params", "model + memory"] if sizes else []),
     ]
     rows = []
     for i, (_, s) in enumerate(summary.iterrows()):
@@ -590,6 +658,8 @@ def table_rows(
         cells = [_cell(s[f"{m}_mean"], s[f"{m}_{spread}"], compact=compact) for m in METRICS]
         if compared:
             cells.append(_versus_best(s, compact))
+        if sizes:
+            cells += _size_cells(s)
         rows.append([str(s["label"]), str(int(s["n"])), *extra, *cells])
     return header, rows
 
@@ -668,6 +738,10 @@ def to_markdown(summary: pd.DataFrame) -> str:
     note = significance_note(summary)
     if note:
         lines += ["", note]
+    if has_sizes(summary):
+        lines += ["", "Size after the last task, mean over seeds: model params = the model's "
+                  "parameters; model + memory = its bytes + the bytes the method stores besides "
+                  "it (replay buffer, importance weights, old models); 1 kB = 1000 B."]  # fmt: skip
     present = [
         m for m in CONTINUAL if f"{m}_mean" in summary and summary[f"{m}_mean"].notna().any()
     ]

@@ -34,7 +34,7 @@ from orchestrator.leases import Lease, LeaseStore
 from orchestrator.liveness import HEARTBEAT_S
 from orchestrator.pool import ActorPool, Job, is_system_failure
 from orchestrator.progress import ProgressView
-from orchestrator.results import CONTINUAL, METRICS, RunResult
+from orchestrator.results import CONTINUAL, METRICS, RESOURCES, RunResult
 from orchestrator.runner import format_error, make_runner_class
 from orchestrator.tracking import Tracker, load_r_matrices, sqlite_path
 
@@ -108,7 +108,7 @@ def reused_result(spec: RunSpec, run: Any) -> RunResult:
         "SKIPPED",
         run.info.run_id,
         scenario=tags.get("scenario"),
-        metrics={m: metrics.get(m) for m in (*METRICS, *CONTINUAL)},
+        metrics={m: metrics.get(m) for m in (*METRICS, *CONTINUAL, *RESOURCES)},
         train_time_s=metrics.get("train_time_s"),
         code_hash=tags.get("code_hash", spec.code_hash),
         attempts=int(tags.get("attempts", 1)),
@@ -589,7 +589,7 @@ class RunSession:
             state.run_id,
             scenario=state.scenario,
             r=state.r,
-            metrics={**metrics.as_dict(), **{m: totals.get(m) for m in CONTINUAL}},
+            metrics={**metrics.as_dict(), **{m: totals.get(m) for m in (*CONTINUAL, *RESOURCES)}},
             train_time_s=state.train_time_s,
             attempts=attempts,
             at_chance=flagged,

@@ -217,7 +217,7 @@ def test_runs_frame_columns_and_csv_table():
         ]
     )
     assert list(frame.columns) == list(RUN_COLUMNS)
-    assert list(frame.columns[:19]) == [
+    assert list(frame.columns[:23]) == [
         "label",
         "method",
         "seed",
@@ -232,6 +232,10 @@ def test_runs_frame_columns_and_csv_table():
         "min_acc",
         "recency_bias",
         "train_time_s",
+        "model_parameters",
+        "model_bytes",
+        "stored_samples",
+        "stored_bytes",
         "run_key",
         "mlflow_run_id",
         "tasks",
