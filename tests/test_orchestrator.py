@@ -168,14 +168,14 @@ def test_report_writes_tables_and_plots(tiny_run, tmp_path):
     assert re.search(title, heatmap)
     colours = {name: matplotlib.colors.to_hex(c) for name, c in plots.palette(
         ["finetune", "replay"]).items()}  # fmt: skip
-    for figure in ("curves", "forgetting"):
+    for figure in ("curves", "forgetting", "acc_vs_size"):
         text = vector[figure].read_text()
         assert colours["finetune"] in text and colours["replay"] in text, figure
     assert main(["report", "tiny", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out",
                  str(tmp_path / "pdf"), "--figure-format", "pdf"]) == 0  # fmt: skip
     pdfs = sorted(p.name for p in (tmp_path / "pdf").glob("*.pdf"))
-    assert pdfs == ["avg_accuracy.pdf", "forgetting.pdf", "r_matrix_finetune.pdf",
-                    "r_matrix_replay.pdf"]  # fmt: skip
+    assert pdfs == ["acc_vs_size.pdf", "avg_accuracy.pdf", "forgetting.pdf",
+                    "r_matrix_finetune.pdf", "r_matrix_replay.pdf"]  # fmt: skip
     assert (tmp_path / "pdf" / "forgetting.pdf").read_bytes().startswith(b"%PDF")
     assert (
         main(["report", "no-such-experiment", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]) == 2
