@@ -228,13 +228,15 @@ def acc_vs_size(
         ax.set_ylabel("final ACC (%)")
         if drawn:
             kinds = [
-                Line2D([], [], linestyle="none", marker="o", markersize=4, color="grey",
+                Line2D([], [], linestyle="none", marker="o", markersize=4, color="black",
                        label="model + memory"),
-                Line2D([], [], linestyle="none", marker="o", markersize=4, color="grey",
+                Line2D([], [], linestyle="none", marker="o", markersize=4, color="black",
                        markerfacecolor="none", markeredgewidth=0.8, label="model only"),
             ]  # fmt: skip
             handles, _ = ax.get_legend_handles_labels()
-            ax.legend(handles=[*handles, *kinds], frameon=False)
+            # beside the axes: with many methods a legend inside would cover points
+            ax.legend(handles=[*handles, *kinds], frameon=False, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))  # fmt: skip
         ax.set_title(title)
         _save(fig, path)
     return ax
