@@ -691,6 +691,25 @@ def significance_note(summary: pd.DataFrame) -> str | None:
     )
 
 
+ADVISED_SEEDS = 5
+"""fewer seeds than this: the report advises more (with 5 seeds the 95% t-interval's
+half-width is 1.24 standard deviations; with 3, 2.48)"""
+
+
+def seeds_advice(summary: pd.DataFrame) -> str | None:
+    """A line advising more seeds when a configuration has fewer than ADVISED_SEEDS finished
+    runs (and at least one); None otherwise."""
+    counts = [int(n) for n in summary.get("n", []) if not _missing(n) and int(n) > 0]
+    if not counts or min(counts) >= ADVISED_SEEDS:
+        return None
+    fewest = min(counts)
+    return (
+        f"Fewer than {ADVISED_SEEDS} seeds (as few as {fewest}): the intervals above are wide "
+        f"and differences uncertain; run at least {ADVISED_SEEDS} seeds (at least 6 for the "
+        "paired test of 'ACC vs best' to be able to reach p < 0.05), e.g. seeds=[0,1,2,3,4,5]."
+    )
+
+
 def significance_legend(summary: pd.DataFrame) -> str | None:
     """One line under the terminal table: what ``vs best`` means, and the smallest p the
     seeds allow; None without that column."""
@@ -738,6 +757,9 @@ def to_markdown(summary: pd.DataFrame) -> str:
     note = significance_note(summary)
     if note:
         lines += ["", note]
+    advice = seeds_advice(summary)
+    if advice:
+        lines += ["", advice]
     if has_sizes(summary):
         lines += ["", "Size after the last task, mean over seeds: model params = the model's "
                   "parameters; model + memory = its bytes + the bytes the method stores besides "

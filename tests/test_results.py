@@ -558,7 +558,9 @@ def test_the_report_marks_what_is_not_significantly_different_from_the_best():
     text = to_markdown(few)
     assert "| best |" in text and "not sig. (p=0.25, 3 pairs)" in text
     assert "too few seeds to tell any two apart" in text
+    assert "Fewer than 5 seeds (as few as 3)" in text and "run at least 5 seeds" in text
     many = summarize(frame(6, 0.05))
+    assert "Fewer than 5 seeds" not in to_markdown(many)
     assert many["ACC_p_vs_best"].iloc[1] == pytest.approx(2 / 64)
     assert "worse (p=0.0312, 6 pairs)" in to_markdown(many)
     # runs pair by seed: a configuration run on other seeds has nothing to compare
