@@ -146,6 +146,9 @@ def raise_in_callback(error):
     ref = weakref.ref(thing, callback)
     del thing  # Python runs the callback and prints its exception as ignored
 
+# what was there before: a background job starts with SIGINT ignored, a library may set a hook
+hook = sys.unraisablehook
+on_term, on_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 restore = interrupt_on_signals()
 handler = signal.getsignal(signal.SIGTERM)
 try:
@@ -155,9 +158,9 @@ except KeyboardInterrupt:
 raise_in_callback(KeyboardInterrupt("signal 15"))  # swallowed: the signal was recorded
 raise_in_callback(ValueError("an unrelated ignored error"))
 stop_ray(False, restore)
-assert sys.unraisablehook is sys.__unraisablehook__
-assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+assert sys.unraisablehook is hook
+assert signal.getsignal(signal.SIGTERM) is on_term
+assert signal.getsignal(signal.SIGINT) is on_int
 raise_in_callback(KeyboardInterrupt("after the invocation"))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
