@@ -302,8 +302,15 @@ class Learner:
         model: ModelConfig | None = None,
     ) -> None:
         """ConfigError when this method cannot run on a stream described by ``info`` with these
-        settings (beyond the scenario: the meta-training section, the ``model`` section, e.g. a
-        backbone a growing method cannot grow); called before any work. Nothing by default."""
+        settings (beyond the scenario); called before any work. By default: the ``model``
+        section, through :meth:`check_model`."""
+        cls.check_model(model or ModelConfig(), info, where or f"method {cls.name}")
+
+    @classmethod
+    def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
+        """ConfigError (prefixed with ``where``) when this method cannot build its network from
+        ``model`` for this stream, e.g. a backbone a growing method cannot grow. Nothing by
+        default."""
 
     # ----------------------------------------------------------------- building blocks
     def build_model(self) -> nn.Module:

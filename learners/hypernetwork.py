@@ -74,7 +74,6 @@ from torch.func import functional_call
 from learners.backbones import ModelConfig
 from learners.base import Learner, register
 from learners.hparams import ConfigError, hp
-from learners.meta import MetaTrainingConfig
 from task_streams.base import StreamInfo, Task
 
 TASK_INFERENCE = ("entropy",)
@@ -254,15 +253,9 @@ class Hypernetwork(Learner):
     )
 
     @classmethod
-    def check_setup(
-        cls,
-        info: StreamInfo,
-        meta: MetaTrainingConfig,
-        where: str = "",
-        model: ModelConfig | None = None,
-    ) -> None:
+    def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
         """ConfigError for a backbone other than mlp."""
-        target_shapes(model or ModelConfig(), info, where or f"method {cls.name}")
+        target_shapes(model, info, where)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -64,7 +64,6 @@ from torch import nn
 from learners.backbones import MLP, ModelConfig
 from learners.base import Learner, register
 from learners.hparams import ConfigError, hp
-from learners.meta import MetaTrainingConfig
 from task_streams.base import StreamInfo, Task
 
 TRIGGERS = ("every", "plateau")
@@ -167,20 +166,9 @@ class Net2Net(Learner):
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def check_setup(
-        cls,
-        info: StreamInfo,
-        meta: MetaTrainingConfig,
-        where: str = "",
-        model: ModelConfig | None = None,
-    ) -> None:
+    def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
         """ConfigError unless the backbone is an MLP with at least one hidden layer."""
-        if model is not None:
-            cls._check_model(model, where)
-
-    @classmethod
-    def _check_model(cls, model: ModelConfig, where: str = "") -> None:
-        prefix = where or f"method {cls.name}"
+        prefix = where
         if model.backbone != "mlp":
             raise ConfigError(
                 f"{prefix}: model.backbone={model.backbone!r} is not accepted by {cls.name}; "
@@ -194,7 +182,7 @@ class Net2Net(Learner):
 
     def build_model(self) -> nn.Module:
         """The configured MLP; ConfigError for any other backbone."""
-        self._check_model(self.model_config)
+        self.check_model(self.model_config, self.info, f"method {self.name}")
         return self._mlp(list(self.model_config.hidden))
 
     def _mlp(self, hidden: list[int]) -> MLP:

@@ -69,7 +69,6 @@ from torch.func import functional_call
 from learners.backbones import ModelConfig, build_backbone
 from learners.base import Learner, register
 from learners.hparams import ConfigError, hp
-from learners.meta import MetaTrainingConfig
 from task_streams.base import StreamInfo, Task
 
 PRUNE_SCHEDULES = ("equal", "fixed")
@@ -173,16 +172,8 @@ class PackNet(Learner):
         self._held_values: list[torch.Tensor] = []
 
     @classmethod
-    def check_setup(
-        cls,
-        info: StreamInfo,
-        meta: MetaTrainingConfig,
-        where: str = "",
-        model: ModelConfig | None = None,
-    ) -> None:
+    def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
         """ConfigError for a backbone without Linear/Conv2d layers or with buffers."""
-        model = model or ModelConfig()
-        where = where or f"method {cls.name}"
         try:
             network = build_backbone(model, info)
         except ValueError as err:

@@ -23,7 +23,7 @@ Columns mirror the backbone (``model.backbone``):
   into a conv stage are 3x3 convolutions (same padding) of the earlier columns' pooled feature
   maps, laterals into the fully connected layers are Linear maps of the flattened ones.
 
-Any other backbone is refused with a ConfigError (``check_setup``, and ``build_model`` when
+Any other backbone is refused with a ConfigError (``check_model``, and ``build_model`` when
 built directly). Each column has its own output layer over all ``num_classes`` units; the
 task-incremental class mask selects the task's units.
 
@@ -60,7 +60,6 @@ from torch import nn
 from learners.backbones import ModelConfig
 from learners.base import Learner, register
 from learners.hparams import ConfigError, hp
-from learners.meta import MetaTrainingConfig
 from task_streams.base import StreamInfo, Task
 
 LATERALS = ("linear", "none")
@@ -207,15 +206,9 @@ class Progressive(Learner):
     SCENARIO_NOTE = "the task identity picks the column that answers"
 
     @classmethod
-    def check_setup(
-        cls,
-        info: StreamInfo,
-        meta: MetaTrainingConfig,
-        where: str = "",
-        model: ModelConfig | None = None,
-    ) -> None:
+    def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
         """ConfigError for a backbone other than mlp or cnn (or a CNN the input cannot fit)."""
-        column_stages(model or ModelConfig(), info, where or f"method {cls.name}")
+        column_stages(model, info, where)
 
     def build_model(self) -> nn.Module:
         """Column 0, shaped like the configured backbone."""
