@@ -188,7 +188,9 @@ def test_a_fixed_network_records_no_growth():
     learner = make("finetune", split_stream("class"))
     assert learner.architecture() == {}
     assert learner.state_dict()["architecture"]["growth"] == {}
-    assert Learner.rebuild(learner, {}) is None
+    before = {n: tuple(p.shape) for n, p in learner.model.named_parameters()}
+    Learner.rebuild(learner, {"head_groups": [[0, 1]]})  # the base ignores any record
+    assert {n: tuple(p.shape) for n, p in learner.model.named_parameters()} == before
 
 
 def test_lia_methods_lists_the_extension_and_what_it_combines_with(capfd):
