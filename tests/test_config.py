@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -382,3 +383,21 @@ def test_the_logged_config_holds_no_password():
     text = to_yaml(config)
     assert "s3cret" not in text and "postgresql://lia:***@127.0.0.1:5432/mlflow" in text
     assert config.tracking.uri.endswith("lia:s3cret@127.0.0.1:5432/mlflow")  # used as given
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    """What the README tells users to run is accepted as it is (a sweep config with its space)."""
+    from omegaconf import OmegaConf
+
+    from sweeps.config import load_sweep_config, sweep_spaces
+
+    if "sweep" in OmegaConf.load(path):
+        config = load_sweep_config(path)
+        assert all(sweep_spaces(config).values())
+    else:
+        config = load_config(path)
+    assert expand_runs(config)
