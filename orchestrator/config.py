@@ -327,6 +327,7 @@ def _merge(base: DictConfig, user: DictConfig, overrides: list[str]) -> Experime
             # a list given where a mapping was (or the reverse) replaces it, where the schema
             # allows either (a search range written as [low, high] over {type: ...}, say)
             if not _replace_container(merged, key, OmegaConf.select(dotlist, key)):
+                _refuse_key_inside_list(merged, key, raw)
                 raise _omegaconf_error(err, key, raw) from None
     try:
         return OmegaConf.to_object(merged)
@@ -336,10 +337,33 @@ def _merge(base: DictConfig, user: DictConfig, overrides: list[str]) -> Experime
         raise _omegaconf_error(err) from None
 
 
+def _refuse_key_inside_list(merged: DictConfig, key: str, raw: str) -> None:
+    """ConfigError when ``key`` (an override's) names a field inside a list, as
+    ``sweep.space.beta.high`` where ``sweep.space.beta`` is ``[0.001, 1.0]``."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        try:
+            node = OmegaConf.select(merged, prefix, default=None)
+        except _MERGE_ERRORS:
+            continue
+        if isinstance(node, ListConfig):
+            shown = json.dumps(OmegaConf.to_container(node), separators=(",", ":"))
+            raise ConfigError(
+                f"override {key}={raw}: {prefix} is a list ({shown}), which has no key "
+                f"{parts[end]!r}; set it whole, e.g. {prefix}={shown}"
+            )
+        if node is not None:
+            return
+
+
 def _replace_container(merged: DictConfig, key: str, value: Any) -> bool:
     """Set ``key`` to ``value`` without merging, when both the old and the new value are
     containers of different kinds; False when that is not the case or the schema refuses."""
-    old = OmegaConf.select(merged, key, default=None)
+    try:
+        old = OmegaConf.select(merged, key, default=None)
+    except _MERGE_ERRORS:  # the path runs through a list (a.b.c with b a list)
+        return False
     containers = (DictConfig, ListConfig)
     if not (isinstance(old, containers) and isinstance(value, containers)):
         return False

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from learners import ConfigError, hp
 from orchestrator.config import ExperimentConfig, load_config, method_specs
 from sweeps import study as studies
-from sweeps.space import Dimension, grid_values, parse_space
+from sweeps.space import Dimension, grid_values, label_spaces
 from task_streams import build_stream, validate_stream_config
 from task_streams.sources import VALIDATION_FRACTION
 
@@ -49,8 +49,8 @@ class SweepConfig:
     n_trials: int = hp(20, help="trials per study", low=1)
     space: dict[str, Any] = hp(
         {},
-        help="key -> search spec (syntax: sweeps/space.py), for every tuned label; "
-        "empty = each method's hp(search=) defaults",
+        help="key -> search spec (syntax: sweeps/space.py), for every tuned label; a key naming "
+        "a method label holds that label's own keys; empty = each method's hp(search=) defaults",
     )
     objective: list[str] = hp(
         ["ACC"], help="one or two objectives: " + ", ".join(OBJECTIVES) + " (two: Pareto front)"
@@ -105,12 +105,10 @@ def tuned_labels(config: SweepExperimentConfig) -> list[str]:
 
 
 def sweep_spaces(config: SweepExperimentConfig) -> dict[str, dict[str, Dimension]]:
-    """Each tuned label's search space (``sweep.space``, or its method's default)."""
+    """Each tuned label's search space: the shared keys of ``sweep.space`` plus the label's
+    own section there (:func:`sweeps.space.label_spaces`), or its method's default."""
     methods = {spec.label: spec.method for spec in method_specs(config)}
-    return {
-        label: parse_space(config.sweep.space, methods[label], label)
-        for label in tuned_labels(config)
-    }
+    return label_spaces(config.sweep.space, methods, tuned_labels(config))
 
 
 def _check_validation_stream(config: SweepExperimentConfig) -> None:

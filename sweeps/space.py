@@ -104,8 +104,13 @@ def _range_kind(target: _Target) -> str:
     return "log" if log else "float"
 
 
-def parse_space(raw: Mapping[str, Any], method: str, label: str) -> dict[str, Dimension]:
-    """The space ``raw`` (``sweep.space``) for ``label``'s method, checked; empty = default."""
+def parse_space(
+    raw: Mapping[str, Any], method: str, label: str, where: str = "sweep.space"
+) -> dict[str, Dimension]:
+    """The space ``raw`` (``sweep.space``) for ``label``'s method, checked; empty = default.
+
+    ``where`` is the config path the keys are named under in errors (``sweep.space``, or
+    ``sweep.space.<label>`` for a label's own section)."""
     if not raw:
         return default_space(method)
     targets = _targets(method)
@@ -113,11 +118,42 @@ def parse_space(raw: Mapping[str, Any], method: str, label: str) -> dict[str, Di
     for key, spec in _flatten_sections(raw).items():
         if key not in targets:
             raise ConfigError(
-                f"sweep.space.{key} is not a searchable key of method {method} (label "
+                f"{where}.{key} is not a searchable key of method {method} (label "
                 f"{label}); accepted keys: {', '.join(targets)}"
             )
-        space[key] = _dimension(key, spec, targets[key])
+        space[key] = _dimension(key, spec, targets[key], where)
     return space
+
+
+def label_spaces(
+    raw: Mapping[str, Any], methods: Mapping[str, str], tuned: list[str]
+) -> dict[str, dict[str, Dimension]]:
+    """Each tuned label's space from a ``sweep.space`` that may give labels their own keys.
+
+    A key of ``raw`` naming a label of ``methods`` is that label's own section (``ewc:
+    {ewc_lambda: [1, 10000]}``); the other keys are shared by every tuned label. A label's
+    space is the shared keys plus its own (its own win); where both are empty, its method's
+    default space. Sections of labels the sweep does not tune are checked all the same."""
+    shared = {k: v for k, v in raw.items() if k not in methods}
+    own = {k: v for k, v in raw.items() if k in methods}
+    for label, section in own.items():
+        if not isinstance(section, Mapping):
+            raise ConfigError(
+                f"sweep.space.{label}={section!r}: {label!r} is a method label, so its entry is "
+                "that label's own space, a mapping of key -> search spec, e.g. "
+                f"sweep.space.{label}.train.lr=[0.0001,0.01]"
+            )
+    spaces = {}
+    for label in dict.fromkeys([*tuned, *own]):
+        mine = own.get(label) or {}
+        if not shared and not mine:
+            spaces[label] = default_space(methods[label])
+            continue
+        space = parse_space(shared, methods[label], label) if shared else {}
+        if mine:
+            space.update(parse_space(mine, methods[label], label, f"sweep.space.{label}"))
+        spaces[label] = space
+    return {label: spaces[label] for label in tuned}
 
 
 def _flatten_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,9 +167,9 @@ def _flatten_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _dimension(key: str, spec: Any, target: _Target) -> Dimension:
+def _dimension(key: str, spec: Any, target: _Target, where: str = "sweep.space") -> Dimension:
     """One checked Dimension from a user's spec for ``key``."""
-    name = f"sweep.space.{key}"
+    name = f"{where}.{key}"
     if isinstance(spec, Mapping):
         unknown = [str(k) for k in spec if k not in _SPEC_KEYS]
         if unknown:

@@ -460,3 +460,57 @@ def test_first_tasks_of_a_domains_stream_keeps_its_first_domains(tmp_path):
     label = next(iter(loaded.methods))
     trial = trial_config(loaded, label, {})
     assert trial.stream.domains == ["digits", "digits:rot90"] and trial.stream.num_tasks == 2
+
+
+def test_a_label_s_own_space_joins_the_shared_keys_and_wins_over_them(tmp_path):
+    config = sweep_config(
+        tmp_path,
+        space={
+            "train.lr": [0.001, 0.01],  # shared by every tuned label
+            "ewc": {"ewc_lambda": [1.0, 1000.0], "train": {"lr": [0.01, 0.1]}},
+            "replay": {"buffer_size": [20, 400]},
+        },
+    )
+    path = write_config(tmp_path, config)
+    assert sweep_spaces(load_sweep_config(path)) == {
+        "finetune": {"train.lr": Dimension("train.lr", "log", 0.001, 0.01)},
+        "replay": {
+            "train.lr": Dimension("train.lr", "log", 0.001, 0.01),
+            "buffer_size": Dimension("buffer_size", "int_log", 20, 400),
+        },
+        "ewc": {
+            "train.lr": Dimension("train.lr", "log", 0.01, 0.1),  # its own bound wins
+            "ewc_lambda": Dimension("ewc_lambda", "log", 1.0, 1000.0),
+        },
+    }
+    # an override reaches into a label's section; a label without shared keys or a section of
+    # its own keeps its method's default space
+    loaded = load_sweep_config(
+        write_config(
+            tmp_path, sweep_config(tmp_path, space={"ewc": {"ewc_lambda": {"low": 1, "high": 10}}})
+        ),
+        ["sweep.space.ewc.ewc_lambda.high=50"],
+    )
+    spaces = sweep_spaces(loaded)
+    assert spaces["ewc"] == {"ewc_lambda": Dimension("ewc_lambda", "log", 1.0, 50.0)}
+    assert spaces["replay"] == default_space("replay")
+
+
+def test_a_bad_key_in_a_label_s_space_is_named_with_its_label(tmp_path):
+    bad = sweep_config(tmp_path, methods=["finetune"], space={"ewc": {"buffer_size": [20, 400]}})
+    with pytest.raises(ConfigError, match=r"sweep\.space\.ewc\.buffer_size is not a searchable "
+                       r"key of method ewc"):  # fmt: skip
+        load_sweep_config(write_config(tmp_path, bad))  # checked though ewc is not tuned
+    bad = sweep_config(tmp_path, space={"ewc": {"ewc_lambda": {"low": 5, "high": 1}}})
+    with pytest.raises(ConfigError, match=r"sweep\.space\.ewc\.ewc_lambda: low=5"):
+        load_sweep_config(write_config(tmp_path, bad))
+    bad = sweep_config(tmp_path, space={"ewc": [1, 10]})
+    with pytest.raises(ConfigError, match="'ewc' is a method label, so its entry is"):
+        load_sweep_config(write_config(tmp_path, bad))
+
+
+def test_an_override_into_a_list_spec_is_refused_naming_the_list(tmp_path):
+    path = write_config(tmp_path, sweep_config(tmp_path, space={"ewc": {"ewc_lambda": [1, 10]}}))
+    with pytest.raises(ConfigError, match=r"sweep\.space\.ewc\.ewc_lambda is a list \(\[1,10\]\), "
+                       r"which has no key 'high'; set it whole"):  # fmt: skip
+        load_sweep_config(path, ["sweep.space.ewc.ewc_lambda.high=50"])
