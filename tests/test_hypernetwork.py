@@ -156,7 +156,9 @@ def test_task_0_is_kept_better_than_by_finetune():
 # ---------------------------------------------------------------------- task inference
 def test_task_inference_picks_the_embedding_of_the_sample_s_task_in_permuted_digits():
     stream = build_stream({**PERMUTED, "num_tasks": 2, "scenario": "domain"}, 0)
-    learner = digits_learner("hypernetwork", stream)
+    # the smaller hypernetwork of the paper's size: on these 8x8 digits its target nets are
+    # more confident on their own task (task 0: 81% picked right, 76% with the default [100, 250])
+    learner = digits_learner("hypernetwork", stream, {"hnet_hidden": [100, 100]})
     for task in stream:
         learner.learn(task)
     for task in stream:
