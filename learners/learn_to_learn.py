@@ -32,6 +32,7 @@ test numbers is read before :func:`evaluate`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,12 +212,20 @@ class DigitReference(nn.Module):
         return same.float() * 2 - 1
 
 
+BUILDERS: dict[str, Callable[[VerificationConfig, tuple[int, int, int]], nn.Module]] = {
+    "weights": lambda cfg, shape: WeightGenerator(
+        shape, cfg.channels, cfg.embed, cfg.hidden, cfg.halves
+    ),
+    "similarity": lambda cfg, shape: Similarity(shape, cfg.channels, cfg.embed, cfg.halves),
+    "digits": lambda cfg, shape: DigitReference(shape, cfg.channels),
+}
+"""model name -> its constructor from the config and the (C, H, 2W) image shape"""
+assert tuple(BUILDERS) == MODELS
+
+
 def build_model(cfg: VerificationConfig, in_shape: tuple[int, int, int]) -> nn.Module:
-    if cfg.model == "weights":
-        return WeightGenerator(in_shape, cfg.channels, cfg.embed, cfg.hidden, cfg.halves)
-    if cfg.model == "similarity":
-        return Similarity(in_shape, cfg.channels, cfg.embed, cfg.halves)
-    return DigitReference(in_shape, cfg.channels)
+    """``cfg.model``'s network for images of ``in_shape``."""
+    return BUILDERS[cfg.model](cfg, in_shape)
 
 
 # ----------------------------------------------------------------------------- training data
