@@ -26,7 +26,6 @@ half-width); --write puts the table in docs/learn_to_learn.md.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -88,14 +87,12 @@ def job(model: str, seed: int, steps: int, test_pairs: int, cache: str | None, d
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% t-interval half-width."""
-    from scipy import stats
+    """Mean and 95% t-interval half-width (the reports' :func:`orchestrator.results.ci95`)."""
+    import numpy as np
 
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, half
+    from orchestrator.results import ci95
+
+    return statistics.fmean(values), ci95(np.asarray(values, dtype=float))
 
 
 def paired_difference(table: dict) -> tuple[float, float]:
@@ -158,7 +155,8 @@ def main() -> int:
     print(f"device: {args.device}")
     print(f"wall_s: {wall:.0f}")
     if args.write:
-        write_docs(table, args.device, wall, sum(r["cached"] for r in results), len(results))
+        write_docs(table, paired, args.device, wall, sum(r["cached"] for r in results),
+                   len(results))  # fmt: skip
     return 0
 
 
@@ -169,8 +167,10 @@ NAMES = {
 }
 
 
-def write_docs(table: dict, device: str, wall: float, cached: int, jobs: int) -> None:
-    """docs/learn_to_learn.md: this run's table."""
+def write_docs(
+    table: dict, paired: tuple[float, float], device: str, wall: float, cached: int, jobs: int
+) -> None:
+    """docs/learn_to_learn.md: this run's table, below the marker (the text above it is kept)."""
     pct = lambda m, h: f"{100 * m:.1f} ± {100 * h:.1f}"  # noqa: E731
     rows = [
         f"| {NAMES[m]} | {STEPS[m]} | {pct(*r['accuracy'])} | {pct(*r['same_accuracy'])} | "
@@ -181,7 +181,6 @@ def write_docs(table: dict, device: str, wall: float, cached: int, jobs: int) ->
     ]
     reference = table["digits"]["accuracy"][0]
     lines = [
-        "# Learn to learn: two-digit one-shot verification", "",
         f"Written by `python benchmarks/learn_to_learn.py --write` on "
         f"{time.strftime('%Y-%m-%d')} in {wall:.0f} s, {cached} of {jobs} models fetched from "
         f"the cache (training times are those of their computation: {device}, one thread per "
@@ -197,7 +196,7 @@ def write_docs(table: dict, device: str, wall: float, cached: int, jobs: int) ->
         f"Target: ≥ {100 * TARGET:.0f}% on unseen numbers. Gap to the reference: weights "
         f"{100 * (table['weights']['accuracy'][0] - reference):+.1f} points, similarity "
         f"{100 * (table['similarity']['accuracy'][0] - reference):+.1f} points. Weights − "
-        f"similarity, paired by seed: {pct(*paired_difference(table))} points. The source "
+        f"similarity, paired by seed: {pct(*paired)} points. The source "
         f"reported ~{100 * SOURCE_REPORTED:.0f}% without these splits (a floor).", "",
         f"Settings: {SETTINGS}.",
     ]  # fmt: skip
@@ -205,7 +204,7 @@ def write_docs(table: dict, device: str, wall: float, cached: int, jobs: int) ->
     text = path.read_text() if path.exists() else ""
     marker = "<!-- benchmark table: written by benchmarks/learn_to_learn.py --write -->"
     head, _, _ = text.partition(marker)
-    path.write_text((head or "") + marker + "\n\n" + "\n".join(lines[2:]) + "\n")
+    path.write_text(head + marker + "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
 

@@ -246,14 +246,12 @@ def digits_job(seed: int, settings: dict, episodes_n: int) -> dict:
 
 
 def _interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval over seeds."""
-    from scipy import stats
+    """Mean and half-width of the 95% t-interval over seeds (:func:`orchestrator.results.ci95`)."""
+    import numpy as np
 
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, half
+    from orchestrator.results import ci95
+
+    return statistics.fmean(values), ci95(np.asarray(values, dtype=float))
 
 
 def _cell(values: list[float], digits: int) -> str:

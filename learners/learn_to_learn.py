@@ -6,13 +6,14 @@ unlabelled image (the *query*) shows the same number. Test numbers never occur i
 so a model must adapt to a new number from its one example, with no fine-tuning and no
 hyperparameter search at test time.
 
-Three models, one encoder architecture (:class:`Encoder`: a small CNN over the 28x56 image,
-flattened without global pooling so the tens and ones positions stay apart):
+Three models, one encoder architecture (:class:`Encoder`: a small CNN, flattened without global
+pooling; by default one trunk reads each 28x28 digit position, the codes concatenated in
+order):
 
 - ``weights`` (:class:`WeightGenerator`), the learner/predictor model: a *learner* network
-  reads the support's encoding and writes the first layer of a *predictor* network,
-  ``h = relu(W(s) e_q + b(s))``, plus extra features ``f(s)`` fed to the predictor beside
-  ``h`` (``logit = v·[h, f(s) ⊙ e_q] + c``; ``v``, ``c`` meta-learned). Encoder, learner and
+  reads the support's encoding ``s`` and writes the weights of a *predictor* network on the
+  query's encoding ``e``, ``logit = v·relu(W e + b) + w·e + u·(e ⊙ e) + c`` (the learner
+  writes ``W``, ``b``, ``w``, ``c``; ``v``, ``u`` are meta-learned). Encoder, learner and
   predictor are trained together by gradient descent over a dataset of datasets: each
   *episode* is one training number's support and its queries.
 - ``similarity`` (:class:`Similarity`), the baseline without weight generation: the same
@@ -43,9 +44,17 @@ from torch import nn
 from learners.hparams import as_dict, hp
 from learners.meta import Phase
 from task_streams.sources import SourceData
-from task_streams.two_digit import NUM_NUMBERS, VerificationPairs, compose
+from task_streams.two_digit import NUM_NUMBERS, DigitPool, VerificationPairs, compose
 
-MODELS = ("weights", "similarity", "digits")
+BUILDERS: dict[str, Callable[[VerificationConfig, tuple[int, int, int]], nn.Module]] = {
+    "weights": lambda cfg, shape: WeightGenerator(
+        shape, cfg.channels, cfg.embed, cfg.hidden, cfg.halves
+    ),
+    "similarity": lambda cfg, shape: Similarity(shape, cfg.channels, cfg.embed, cfg.halves),
+    "digits": lambda cfg, shape: DigitReference(shape, cfg.channels),
+}
+"""model name -> its constructor from the config and the (C, H, 2W) image shape"""
+MODELS = tuple(BUILDERS)
 
 
 @dataclass
@@ -212,42 +221,12 @@ class DigitReference(nn.Module):
         return same.float() * 2 - 1
 
 
-BUILDERS: dict[str, Callable[[VerificationConfig, tuple[int, int, int]], nn.Module]] = {
-    "weights": lambda cfg, shape: WeightGenerator(
-        shape, cfg.channels, cfg.embed, cfg.hidden, cfg.halves
-    ),
-    "similarity": lambda cfg, shape: Similarity(shape, cfg.channels, cfg.embed, cfg.halves),
-    "digits": lambda cfg, shape: DigitReference(shape, cfg.channels),
-}
-"""model name -> its constructor from the config and the (C, H, 2W) image shape"""
-assert tuple(BUILDERS) == MODELS
-
-
 def build_model(cfg: VerificationConfig, in_shape: tuple[int, int, int]) -> nn.Module:
     """``cfg.model``'s network for images of ``in_shape``."""
     return BUILDERS[cfg.model](cfg, in_shape)
 
 
 # ----------------------------------------------------------------------------- training data
-
-
-class DigitPool:
-    """One source pool's digit images, indexed by digit, for drawing number images."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x = x if x.dim() == 4 else x.unsqueeze(1)  # uint8 (N, C, H, W)
-        y = y.to(torch.int64)
-        rows = [torch.nonzero(y == d).flatten() for d in range(10)]
-        self.counts = torch.tensor([len(r) for r in rows])
-        self.table = torch.zeros((10, int(self.counts.max())), dtype=torch.int64)
-        for d, r in enumerate(rows):
-            self.table[d, : len(r)] = r
-        self.y = y
-
-    def draw(self, digits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Random pool rows (same shape as ``digits``) showing those digits."""
-        rank = (torch.rand(digits.shape, generator=gen) * self.counts[digits]).long()
-        return self.table[digits, torch.minimum(rank, self.counts[digits] - 1)]
 
 
 def _shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:

@@ -156,7 +156,7 @@ def _build_split(
     digits = torch.stack(
         [support_number // 10, support_number % 10, query_number // 10, query_number % 10], dim=1
     )
-    idx = _draw_instances(y, digits, generator(seed, _TAG, _INSTANCES, key))
+    idx = _draw_instances(DigitPool(x, y), digits, generator(seed, _TAG, _INSTANCES, key))
     return VerificationPairs(
         support=compose(x[idx[:, 0]], x[idx[:, 1]]),
         query=compose(x[idx[:, 2]], x[idx[:, 3]]),
@@ -171,20 +171,28 @@ def _build_split(
     )
 
 
-def _draw_instances(y: torch.Tensor, digits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+class DigitPool:
+    """One source pool's digit images (uint8, (N, C, H, W)) and labels, indexed by digit, for
+    drawing the digit images of numbers."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x = x if x.dim() == 4 else x.unsqueeze(1)
+        self.y = y.to(torch.int64)
+        rows = [torch.nonzero(self.y == d).flatten() for d in range(10)]
+        self.counts = torch.tensor([len(r) for r in rows])
+        self.table = torch.full((10, int(self.counts.max())), -1, dtype=torch.int64)
+        for d, r in enumerate(rows):
+            self.table[d, : len(r)] = r
+
+    def draw(self, digits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random pool rows (the shape of ``digits``), each an image of its digit."""
+        rank = (torch.rand(digits.shape, generator=gen) * self.counts[digits]).long()
+        return self.table[digits, torch.minimum(rank, self.counts[digits] - 1)]
+
+
+def _draw_instances(pool: DigitPool, digits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Pool row numbers (n, 4) of images of ``digits`` (n, 4), the 4 of a row all different."""
-    y = y.to(torch.int64)
-    rows = [torch.nonzero(y == d).flatten() for d in range(10)]
-    counts = torch.tensor([len(r) for r in rows])
-    table = torch.full((10, int(counts.max())), -1, dtype=torch.int64)
-    for d, r in enumerate(rows):
-        table[d, : len(r)] = r
-
-    def draw(dig: torch.Tensor) -> torch.Tensor:
-        rank = (torch.rand(dig.shape, generator=gen) * counts[dig]).long()
-        return table[dig, torch.minimum(rank, counts[dig] - 1)]
-
-    idx = draw(digits)
+    idx = pool.draw(digits, gen)
     # Redraw a column while it repeats an earlier column of its row. Images of different
     # digits never collide, and each digit has >= MIN_PER_DIGIT images, so this terminates.
     while True:
@@ -193,7 +201,7 @@ def _draw_instances(y: torch.Tensor, digits: torch.Tensor, gen: torch.Generator)
             clash[:, j] = (idx[:, :j] == idx[:, j : j + 1]).any(dim=1)
         if not bool(clash.any()):
             return idx
-        idx[clash] = draw(digits[clash])
+        idx[clash] = pool.draw(digits[clash], gen)
 
 
 def _check_test_numbers(test_numbers: object) -> int:
