@@ -168,15 +168,14 @@ class Net2Net(Learner):
     @classmethod
     def check_model(cls, model: ModelConfig, info: StreamInfo, where: str) -> None:
         """ConfigError unless the backbone is an MLP with at least one hidden layer."""
-        prefix = where
         if model.backbone != "mlp":
             raise ConfigError(
-                f"{prefix}: model.backbone={model.backbone!r} is not accepted by {cls.name}; "
+                f"{where}: model.backbone={model.backbone!r} is not accepted by {cls.name}; "
                 "accepted: 'mlp' (Net2Net widens and deepens the hidden layers of an MLP)"
             )
         if not list(model.hidden):
             raise ConfigError(
-                f"{prefix}: model.hidden=[] is not accepted by {cls.name}; expected at least "
+                f"{where}: model.hidden=[] is not accepted by {cls.name}; expected at least "
                 "one hidden layer to widen, or to add an identity layer after"
             )
 

@@ -489,14 +489,12 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         group = every[status.isin(DONE)]
         key = _key_of(_group_keys(every.iloc[:1])[0])
         row: dict[str, Any] = {"label": name, "method": every["method"].iloc[0], "n": len(group)}
-        for m in (*METRICS, *CONTINUAL):
+        for m in (*METRICS, *CONTINUAL, *RESOURCES):
             values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
-            row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            row[f"{m}_ci95"] = ci95(values)
-        for m in RESOURCES:
-            values = group[m].dropna().to_numpy(dtype=float) if m in group else np.array([], float)
-            row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
+            if m not in RESOURCES:  # sizes: the mean only
+                row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+                row[f"{m}_ci95"] = ci95(values)
         failed = every[status == "FAILED"]
         row["failed"] = len(failed)
         row["failed_runs"] = [run_name(r) for _, r in failed.iterrows()]

@@ -145,14 +145,10 @@ def label_spaces(
             )
     spaces = {}
     for label in dict.fromkeys([*tuned, *own]):
-        mine = own.get(label) or {}
-        if not shared and not mine:
-            spaces[label] = default_space(methods[label])
-            continue
         space = parse_space(shared, methods[label], label) if shared else {}
-        if mine:
-            space.update(parse_space(mine, methods[label], label, f"sweep.space.{label}"))
-        spaces[label] = space
+        if own.get(label):
+            space.update(parse_space(own[label], methods[label], label, f"sweep.space.{label}"))
+        spaces[label] = space or default_space(methods[label])
     return {label: spaces[label] for label in tuned}
 
 
